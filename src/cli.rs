@@ -1,5 +1,9 @@
-//! The command line: `socklab serve|client|lab|bench`.
+//! The command line: `socklab serve|client`, and the mapping of outcomes to exit codes:
+//! 0 success, 1 failure at run time, 2 a user mistake (bad arguments, bad or busy address).
 
+use crate::client::{ClientArgs, UsageError};
+use crate::net::NetError;
+use crate::server::ServeArgs;
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
@@ -7,7 +11,7 @@ use std::process::ExitCode;
 #[derive(Debug, Parser)]
 #[command(name = "socklab", version, about)]
 pub struct Cli {
-    /// Show connection-level detail in the log (stderr).
+    /// Show connection-level detail in the log (stderr); twice for more.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
     /// What to do.
@@ -17,10 +21,56 @@ pub struct Cli {
 
 /// The subcommands.
 #[derive(Debug, Subcommand)]
-pub enum Command {}
+pub enum Command {
+    /// Run a service (echo, discard, daytime, reverse) under a server design.
+    ///
+    /// Example: `socklab serve reverse --model epoll --listen 127.0.0.1:0`
+    Serve(ServeArgs),
+    /// Talk to a service: `reverse ADDR FILE...`, `echo ADDR`, `daytime ADDR`.
+    ///
+    /// Example: `socklab client reverse 127.0.0.1:7000 notes.txt`
+    Client(ClientArgs),
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "socklab=info",
+        1 => "socklab=debug",
+        _ => "socklab=trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+/// Whether an error is the user's to fix (exit 2) rather than a failure (exit 1).
+fn is_user_error(err: &anyhow::Error) -> bool {
+    err.chain()
+        .any(|e| e.is::<NetError>() || e.is::<UsageError>())
+}
 
 /// Parse the command line, run, and map the outcome to an exit code.
 pub fn main() -> ExitCode {
-    let _cli = Cli::parse();
-    ExitCode::SUCCESS
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let result = match &cli.command {
+        Command::Serve(args) => crate::server::run(args),
+        Command::Client(args) => crate::client::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("socklab: error: {e:#}");
+            if is_user_error(&e) {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
 }

@@ -15,7 +15,9 @@
 //! - [`timer`]: the one timer structure of the event loops (deadlines kept ordered).
 //! - [`signals`]: SIGINT/SIGTERM/SIGCHLD turned into flags and a self-pipe wake-up.
 //! - [`sys`]: the few `unsafe` system calls, each with its `SAFETY` note.
+//! - [`server`]: `socklab serve`: endpoint, signals, model dispatch, the datagram loop.
 //! - [`client`]: the clients (`cln_rev` and friends).
+//! - [`units`]: durations and sizes on the command line.
 #![deny(missing_docs, rust_2018_idioms)]
 
 pub mod cli;
@@ -23,7 +25,9 @@ pub mod client;
 pub mod model;
 pub mod net;
 pub mod output;
+pub mod server;
 pub mod service;
 pub mod signals;
 pub mod sys;
 pub mod timer;
+pub mod units;

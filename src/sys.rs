@@ -1,1 +1,192 @@
-//! sys
+//! The few system calls that need `unsafe`, each wrapped once with its `SAFETY` note.
+//! Everything else in socklab goes through safe wrappers (`socket2`, `nix`, `std`).
+
+use std::io;
+use std::sync::atomic::AtomicUsize;
+use std::time::Duration;
+
+/// Which side of a [`fork`] we are on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fork {
+    /// The parent, with the child's process id.
+    Parent(nix::unistd::Pid),
+    /// The new child process.
+    Child,
+}
+
+/// Number of threads in this process, from `/proc/self/status`.
+pub fn thread_count() -> io::Result<usize> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+        .ok_or_else(|| io::Error::other("no Threads: line in /proc/self/status"))
+}
+
+/// `fork(2)`, refused unless this process has a single thread.
+///
+/// # Errors
+/// The `fork` errno (`EAGAIN`, `ENOMEM`), or an error if other threads exist: a child of a
+/// multi-threaded process may find a lock held forever by a thread that does not exist there.
+pub fn fork() -> io::Result<Fork> {
+    if thread_count()? != 1 {
+        return Err(io::Error::other(
+            "refusing to fork a multi-threaded process",
+        ));
+    }
+    // SAFETY: the process has exactly one thread (checked just above, and nothing between
+    // the check and the call starts one), so the child gets a consistent copy of every lock
+    // and allocator state and may go on running ordinary Rust code.
+    match unsafe { nix::unistd::fork() }? {
+        nix::unistd::ForkResult::Parent { child } => Ok(Fork::Parent(child)),
+        nix::unistd::ForkResult::Child => Ok(Fork::Child),
+    }
+}
+
+/// Install `handler` for `signal` with `flags` (an empty mask while it runs).
+///
+/// # Errors
+/// `sigaction`'s errno (`EINVAL` for a signal that cannot be caught).
+pub fn set_handler(
+    signal: nix::sys::signal::Signal,
+    handler: nix::sys::signal::SigHandler,
+    flags: nix::sys::signal::SaFlags,
+) -> io::Result<()> {
+    use nix::sys::signal::{SigAction, SigSet};
+    let action = SigAction::new(handler, flags, SigSet::empty());
+    // SAFETY: the handlers socklab installs (in `signals`) only touch atomics and call
+    // `write(2)`, both async-signal-safe; `SIG_IGN`/`SIG_DFL` need no care.
+    unsafe { nix::sys::signal::sigaction(signal, &action) }?;
+    Ok(())
+}
+
+/// `poll(2)` on a caller-kept array of `pollfd`, retrying nothing: `EINTR` is returned as
+/// [`io::ErrorKind::Interrupted`] so the caller can look at its signal flags. `None` waits
+/// forever.
+///
+/// # Errors
+/// `poll`'s errno.
+pub fn poll(fds: &mut [libc::pollfd], timeout: Option<Duration>) -> io::Result<usize> {
+    let ms = timeout_ms(timeout);
+    // SAFETY: `fds` is a valid, exclusively borrowed slice of `pollfd` whose length is passed
+    // along with it; the kernel writes only the `revents` fields within it.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// A wait timeout in whole milliseconds for `poll`/`epoll_wait`: -1 for none, rounded up so
+/// that a deadline 0.4 ms away does not become a busy loop of 0 ms waits.
+pub fn timeout_ms(timeout: Option<Duration>) -> i32 {
+    match timeout {
+        None => -1,
+        Some(t) => t.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32,
+    }
+}
+
+/// A counter in memory shared by a process and the children it forks later (an anonymous
+/// `MAP_SHARED` mapping): how the process-based models count connections across processes.
+#[derive(Debug)]
+pub struct SharedCounter {
+    ptr: std::ptr::NonNull<AtomicUsize>,
+}
+
+// SAFETY: the pointee is an `AtomicUsize`, which may be used from any thread; the mapping
+// lives as long as the `SharedCounter`.
+unsafe impl Send for SharedCounter {}
+// SAFETY: as above, only atomic operations reach the shared memory.
+unsafe impl Sync for SharedCounter {}
+
+impl SharedCounter {
+    /// Map a new counter, starting at zero.
+    ///
+    /// # Errors
+    /// `mmap`'s errno.
+    pub fn new() -> io::Result<SharedCounter> {
+        use nix::sys::mman::{MapFlags, ProtFlags};
+        let len = std::num::NonZeroUsize::new(std::mem::size_of::<AtomicUsize>()).expect("> 0");
+        // SAFETY: a fresh anonymous mapping, not aliasing any Rust object; the kernel
+        // zero-fills it, and an all-zero `AtomicUsize` is a valid 0.
+        let ptr = unsafe {
+            nix::sys::mman::mmap_anonymous(
+                None,
+                len,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+            )
+        }?;
+        Ok(SharedCounter { ptr: ptr.cast() })
+    }
+
+    /// The counter.
+    pub fn get(&self) -> &AtomicUsize {
+        // SAFETY: `ptr` points to a live, page-aligned mapping holding an `AtomicUsize`
+        // (see `new`); only shared references are ever made to it.
+        unsafe { self.ptr.as_ref() }
+    }
+}
+
+impl Drop for SharedCounter {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was made by `new` with this length and is not used after drop
+        // (every reference handed out borrows `self`).
+        let _ =
+            unsafe { nix::sys::mman::munmap(self.ptr.cast(), std::mem::size_of::<AtomicUsize>()) };
+    }
+}
+
+/// Types that own their descriptor, so it stays open and the same while they live: the
+/// condition tokio's `AsyncFd::register` asks its caller to uphold.
+pub trait OwnsFd: std::os::fd::AsRawFd {}
+impl OwnsFd for socket2::Socket {}
+impl OwnsFd for std::os::fd::OwnedFd {}
+
+/// Register an owned descriptor with the current tokio runtime.
+///
+/// # Errors
+/// The registration error (e.g. the descriptor cannot be watched by epoll).
+///
+/// # Panics
+/// Outside a tokio runtime.
+pub fn async_fd<T: OwnsFd>(inner: T) -> io::Result<tokio::io::unix::AsyncFd<T>> {
+    // SAFETY: `T: OwnsFd` owns its descriptor: it is valid and open for as long as the value
+    // lives (which the `AsyncFd` owns), and `as_raw_fd` always returns that same descriptor.
+    unsafe { tokio::io::unix::AsyncFd::register(inner) }.map_err(|e| e.into_parts().1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+
+    #[test]
+    fn shared_counter_starts_at_zero_and_counts() {
+        let c = SharedCounter::new().unwrap();
+        assert_eq!(c.get().fetch_add(2, Ordering::SeqCst), 0);
+        assert_eq!(c.get().load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn fork_is_refused_with_threads() {
+        // The test harness runs tests on threads, so this process has more than one.
+        if thread_count().unwrap() > 1 {
+            assert!(fork().is_err());
+        }
+    }
+
+    #[test]
+    fn poll_times_out_on_a_quiet_pipe() {
+        let (r, _w) = nix::unistd::pipe().unwrap();
+        use std::os::fd::AsRawFd;
+        let mut fds = [libc::pollfd {
+            fd: r.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        assert_eq!(poll(&mut fds, Some(Duration::from_millis(5))).unwrap(), 0);
+    }
+}

@@ -1,0 +1,359 @@
+//! What the event-loop designs (`poll`, `epoll`, `reactors`) share: a connection's state and
+//! the one function that moves its bytes when the socket is ready, a slab of connections
+//! indexed by token, and the idle-timeout and shutdown bookkeeping.
+//!
+//! The loops differ only in how they learn readiness (`poll` rebuilds an array each round,
+//! `epoll` keeps an interest list in the kernel) and in edge vs level triggering.
+
+use crate::model::{Ctx, End, Slot, HIGH_WATER};
+use crate::output::{Flush, Outbox};
+use crate::service::Session;
+use crate::signals;
+use crate::timer::Timers;
+use socket2::Socket;
+use std::io;
+use std::time::{Duration, Instant};
+
+/// Which events a connection wants next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Interest {
+    /// Wants to know when input arrives.
+    pub read: bool,
+    /// Has output waiting for room in the send buffer.
+    pub write: bool,
+}
+
+/// One connection of an event loop.
+#[derive(Debug)]
+pub struct Conn<'a> {
+    /// The non-blocking socket.
+    pub sock: Socket,
+    slot: Slot<'a>,
+    session: Session,
+    out: Outbox,
+    /// Input may be waiting in the kernel. With edge triggering it stays set until a read
+    /// returns `EAGAIN`: the kernel will not say it again.
+    readable: bool,
+    /// The peer sent end-of-file.
+    eof: bool,
+    /// When the connection last moved bytes (for the idle timeout).
+    pub last_active: Instant,
+    /// The deadline this connection has queued in the timers.
+    pub deadline: Instant,
+    /// The interest last registered with the kernel (level-triggered epoll, poll).
+    pub registered: Interest,
+}
+
+/// What happened when a connection was driven.
+#[derive(Debug)]
+pub enum Step {
+    /// Keep the connection, with this interest.
+    Keep(Interest),
+    /// Close it, for this reason.
+    Close(End),
+}
+
+impl<'a> Conn<'a> {
+    /// A new connection: the session opens (daytime queues its line here).
+    pub fn new(sock: Socket, slot: Slot<'a>, ctx: &Ctx, now: Instant) -> Conn<'a> {
+        let mut out = Outbox::new();
+        let session = ctx.service.open(&mut out);
+        Conn {
+            sock,
+            slot,
+            session,
+            out,
+            readable: true,
+            eof: false,
+            last_active: now,
+            deadline: now,
+            registered: Interest {
+                read: true,
+                write: false,
+            },
+        }
+    }
+
+    /// The peer's address, for logs.
+    pub fn peer(&self) -> &str {
+        &self.slot.peer
+    }
+
+    /// The kernel said the socket is readable.
+    pub fn set_readable(&mut self) {
+        self.readable = true;
+    }
+
+    /// Whether the connection can be closed without cutting a request: nothing half-received,
+    /// nothing waiting to be sent.
+    pub fn idle(&self) -> bool {
+        !self.session.mid_request() && self.out.is_empty()
+    }
+
+    /// Move bytes: send queued output, read what arrived and feed the session, until the
+    /// socket would block or the connection is finished. `edge` reads until `EAGAIN` (edge
+    /// triggering reports readiness once); otherwise one read per readiness report, so a
+    /// busy connection cannot starve the others.
+    pub fn drive(&mut self, buf: &mut [u8], edge: bool, now: Instant) -> Step {
+        let mut reads = 0;
+        loop {
+            match self.out.flush(&self.sock) {
+                Ok(Flush::Done) => {}
+                Ok(Flush::Blocked) => {
+                    self.last_active = now;
+                    return Step::Keep(Interest {
+                        // Keep reading only while the backlog of output stays small.
+                        read: !self.eof && self.out.pending() < HIGH_WATER,
+                        write: true,
+                    });
+                }
+                Err(e) => return Step::Close(End::Io(e)),
+            }
+            if self.eof || self.session.done() {
+                return Step::Close(End::Closed);
+            }
+            if signals::stop_requested() && !self.session.mid_request() && !self.readable {
+                return Step::Close(End::Shutdown);
+            }
+            if !self.readable || (!edge && reads > 0) {
+                return Step::Keep(Interest {
+                    read: true,
+                    write: false,
+                });
+            }
+            match crate::model::recv(&self.sock, buf, 0) {
+                Ok(0) => {
+                    self.eof = true;
+                    self.last_active = now;
+                    if let Err(e) = self.session.end_of_input() {
+                        return Step::Close(End::Protocol(e));
+                    }
+                }
+                Ok(n) => {
+                    reads += 1;
+                    self.last_active = now;
+                    if let Err(e) = self.session.receive(&buf[..n], &mut self.out) {
+                        return Step::Close(End::Protocol(e));
+                    }
+                    if !edge {
+                        // Level triggering will report the rest; this read was our turn.
+                        self.readable = false;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.readable = false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Step::Close(End::Io(e)),
+            }
+        }
+    }
+}
+
+/// Connections indexed by a small integer token (the `epoll` data / `poll` slot).
+#[derive(Debug, Default)]
+pub struct Slab<T> {
+    items: Vec<Option<T>>,
+    free: Vec<usize>,
+    len: usize,
+}
+
+impl<T> Slab<T> {
+    /// An empty slab.
+    pub fn new() -> Self {
+        Slab {
+            items: Vec::new(),
+            free: Vec::new(),
+            len: 0,
+        }
+    }
+
+    /// Store `item`, returning its token.
+    pub fn insert(&mut self, item: T) -> usize {
+        self.len += 1;
+        if let Some(i) = self.free.pop() {
+            self.items[i] = Some(item);
+            i
+        } else {
+            self.items.push(Some(item));
+            self.items.len() - 1
+        }
+    }
+
+    /// Take the item with `token` out.
+    pub fn remove(&mut self, token: usize) -> Option<T> {
+        let item = self.items.get_mut(token)?.take();
+        if item.is_some() {
+            self.len -= 1;
+            self.free.push(token);
+        }
+        item
+    }
+
+    /// The item with `token`.
+    pub fn get_mut(&mut self, token: usize) -> Option<&mut T> {
+        self.items.get_mut(token)?.as_mut()
+    }
+
+    /// Number of items.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the slab is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Tokens of every item.
+    pub fn tokens(&self) -> Vec<usize> {
+        (0..self.items.len())
+            .filter(|&i| self.items[i].is_some())
+            .collect()
+    }
+
+    /// Every item with its token.
+    pub fn iter(&self) -> impl Iterator<Item = (usize, &T)> {
+        self.items
+            .iter()
+            .enumerate()
+            .filter_map(|(i, x)| x.as_ref().map(|x| (i, x)))
+    }
+}
+
+/// Timer keys of an event loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TimerKey {
+    /// A connection's idle deadline.
+    Conn(usize),
+    /// Accepting resumes (after descriptors ran out).
+    ResumeAccept,
+    /// The grace period after a stop request is over.
+    Grace,
+}
+
+/// The idle-timeout and shutdown bookkeeping every event loop does the same way.
+#[derive(Debug)]
+pub struct Book<'a> {
+    /// The connections.
+    pub conns: Slab<Conn<'a>>,
+    /// Ordered deadlines: idle timeouts, accept resumption, end of grace.
+    pub timers: Timers<TimerKey>,
+    idle: Option<Duration>,
+    /// Set once a stop was requested and handled.
+    pub stopping: bool,
+    /// The grace period is over: close everything.
+    pub grace_over: bool,
+}
+
+impl<'a> Book<'a> {
+    /// Bookkeeping for a loop with `ctx`'s idle timeout.
+    pub fn new(ctx: &Ctx) -> Self {
+        Book {
+            conns: Slab::new(),
+            timers: Timers::new(),
+            idle: Some(ctx.opts.idle_timeout).filter(|d| !d.is_zero()),
+            stopping: false,
+            grace_over: false,
+        }
+    }
+
+    /// Add a connection and queue its idle deadline; returns its token.
+    pub fn add(&mut self, mut conn: Conn<'a>, now: Instant) -> usize {
+        let deadline = self.idle.map(|d| now + d);
+        if let Some(d) = deadline {
+            conn.deadline = d;
+        }
+        let token = self.conns.insert(conn);
+        if let Some(d) = deadline {
+            self.timers.insert(d, TimerKey::Conn(token));
+        }
+        token
+    }
+
+    /// Remove a connection (closing its socket) and its deadline, logging why it ended.
+    pub fn close(&mut self, token: usize, end: End) -> Option<Conn<'a>> {
+        let conn = self.conns.remove(token)?;
+        if self.idle.is_some() {
+            self.timers.remove(conn.deadline, TimerKey::Conn(token));
+        }
+        end.log(conn.peer());
+        Some(conn)
+    }
+
+    /// The wait timeout: until the nearest deadline.
+    pub fn timeout(&self, now: Instant) -> Option<Duration> {
+        self.timers.timeout(now)
+    }
+
+    /// Handle the deadlines due at `now`: idle connections are closed (re-arming those that
+    /// were active since their deadline was queued), and the caller is told whether
+    /// accepting should resume.
+    pub fn expire(&mut self, now: Instant) -> Expired {
+        let mut resume_accept = false;
+        let mut closed = Vec::new();
+        while let Some((_, key)) = self.timers.pop_due(now) {
+            match key {
+                TimerKey::ResumeAccept => resume_accept = true,
+                TimerKey::Grace => self.grace_over = true,
+                TimerKey::Conn(t) => {
+                    let Some(idle) = self.idle else { continue };
+                    let Some(conn) = self.conns.get_mut(t) else {
+                        continue;
+                    };
+                    let due = conn.last_active + idle;
+                    if due > now {
+                        conn.deadline = due;
+                        self.timers.insert(due, TimerKey::Conn(t));
+                    } else {
+                        conn.deadline = now; // already popped: nothing to remove
+                        closed.push(t);
+                    }
+                }
+            }
+        }
+        for t in closed {
+            if let Some(c) = self.conns.remove(t) {
+                End::IdleTimeout.log(c.peer());
+            }
+        }
+        Expired { resume_accept }
+    }
+
+    /// A stop was requested: remember it, queue the end of the grace period, and close the
+    /// idle connections after giving each a last chance to read what already arrived
+    /// (returned: the tokens that stay open, to be driven with `drive`).
+    pub fn begin_stop(&mut self, grace: Duration, now: Instant) {
+        self.stopping = true;
+        self.timers.insert(now + grace, TimerKey::Grace);
+        for t in self.conns.tokens() {
+            if let Some(c) = self.conns.get_mut(t) {
+                c.set_readable();
+            }
+        }
+    }
+
+    /// Whether the loop may exit: stopping and nothing left, or the grace period is over.
+    pub fn finished(&self) -> bool {
+        self.stopping && (self.conns.is_empty() || self.grace_over)
+    }
+
+    /// Close every remaining connection (end of grace).
+    pub fn close_all(&mut self) {
+        let left = self.conns.len();
+        if left > 0 {
+            tracing::warn!(
+                open = left,
+                "grace period over: closing remaining connections"
+            );
+        }
+        for t in self.conns.tokens() {
+            self.close(t, End::Shutdown);
+        }
+    }
+}
+
+/// What [`Book::expire`] found.
+#[derive(Debug, Clone, Copy)]
+pub struct Expired {
+    /// The accept pause is over.
+    pub resume_accept: bool,
+}

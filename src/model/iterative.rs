@@ -1,0 +1,39 @@
+//! `iterative`: one connection at a time, the course's sequential server (`srv_rev_sec`).
+//!
+//! ```text
+//! loop:
+//!     conn = accept(listener)
+//!     while a request arrives on conn: answer it
+//!     close(conn)
+//! ```
+//!
+//! While one client is served every other waits in the listen backlog: the baseline every
+//! concurrent design is measured against.
+
+use crate::model::{accept_or_signal, serve_blocking, Accepted, Ctx};
+use crate::net::Listener;
+use crate::signals::Signals;
+use std::io;
+use std::sync::atomic::AtomicBool;
+
+/// Serve on `listener` one connection after another until a stop request.
+///
+/// # Errors
+/// A fatal listener error.
+pub fn run(listener: &Listener, ctx: &Ctx, signals: &Signals) -> io::Result<()> {
+    let busy = AtomicBool::new(false);
+    loop {
+        match accept_or_signal(listener, signals)? {
+            Accepted::Stop => return Ok(()),
+            Accepted::Signal => continue,
+            Accepted::Conn(sock, peer) => {
+                let Some(slot) = ctx.admit(&peer) else {
+                    continue;
+                };
+                // A stop signal interrupts the blocking recv (EINTR); the driver then
+                // finishes the request in flight, if any, and returns.
+                serve_blocking(&sock, ctx, &busy).log(&slot.peer);
+            }
+        }
+    }
+}

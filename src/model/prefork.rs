@@ -1,0 +1,109 @@
+//! `prefork`: `--workers` processes made in advance, each blocking in `accept` on the one
+//! listener they inherited (Stevens' "preforked server, no locking around accept").
+//!
+//! ```text
+//! parent:                         each worker:
+//! for i in 1..N: fork a worker    loop:
+//! loop:                               conn = accept(listener)   # the kernel wakes one
+//!     wait for a signal               serve conn until the client closes
+//!     SIGCHLD: reap, fork again       close(conn)
+//!     SIGTERM: stop the workers
+//! ```
+//!
+//! The fork cost is paid once, not per connection. A worker that dies is replaced. On a
+//! stop request the parent sends SIGTERM to the workers: one blocked in `accept` or idle in
+//! `recv` is interrupted (`EINTR`, the handler has no `SA_RESTART`) and exits; one in the
+//! middle of a request finishes it first.
+
+use crate::model::fork::Children;
+use crate::model::{accept, accept_action, serve_blocking, AcceptAction, Ctx};
+use crate::net::Listener;
+use crate::signals::{self, Signals};
+use crate::sys::{self, Fork};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::AtomicBool;
+
+/// Serve on `listener` with `ctx.opts.workers` preforked processes until a stop request.
+///
+/// # Errors
+/// The listener cannot be made blocking, or no worker could be forked.
+pub fn run(listener: &Listener, ctx: &Ctx, signals: &mut Signals) -> io::Result<()> {
+    // Workers block in accept; the flag is shared by every process holding the listener.
+    listener.socket.set_nonblocking(false)?;
+    let mut children = Children::default();
+    for _ in 0..ctx.opts.workers.max(1) {
+        spawn_worker(listener, ctx, signals, &mut children)?;
+    }
+    while !signals::stop_requested() {
+        let mut fds = [libc::pollfd {
+            fd: signals.fd().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        match sys::poll(&mut fds, None) {
+            Ok(_) => signals.drain(),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+        for pid in children.reap(None) {
+            if !signals::stop_requested() {
+                tracing::warn!(%pid, "worker exited; starting another");
+                spawn_worker(listener, ctx, signals, &mut children)?;
+            }
+        }
+    }
+    children.stop(ctx.opts.grace, None);
+    Ok(())
+}
+
+fn spawn_worker(
+    listener: &Listener,
+    ctx: &Ctx,
+    signals: &mut Signals,
+    children: &mut Children,
+) -> io::Result<()> {
+    match sys::fork()? {
+        Fork::Parent(pid) => {
+            children.pids.insert(pid);
+            Ok(())
+        }
+        Fork::Child => {
+            if let Err(e) = signals.reinit_in_child() {
+                tracing::warn!("worker: cannot set up signals: {e}");
+            }
+            let code = match worker(listener, ctx) {
+                Ok(()) => 0,
+                Err(e) => {
+                    tracing::error!("worker: {e}");
+                    1
+                }
+            };
+            std::process::exit(code)
+        }
+    }
+}
+
+/// A worker's life: accept, serve, repeat, until SIGTERM.
+fn worker(listener: &Listener, ctx: &Ctx) -> io::Result<()> {
+    let busy = AtomicBool::new(false);
+    while !signals::stop_requested() {
+        let (sock, peer) = match accept(&listener.socket, false) {
+            Ok(x) => x,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => match accept_action(&e) {
+                AcceptAction::Wait | AcceptAction::Retry => continue,
+                AcceptAction::Pause(d) => {
+                    std::thread::sleep(d);
+                    continue;
+                }
+                AcceptAction::Fatal => return Err(e),
+            },
+        };
+        let Some(slot) = ctx.admit(&peer) else {
+            continue;
+        };
+        serve_blocking(&sock, ctx, &busy).log(&slot.peer);
+    }
+    Ok(())
+}

@@ -1,0 +1,62 @@
+//! `reactors`: `--workers` epoll loops on as many threads, each with a listener of its own on
+//! the same port (`SO_REUSEPORT`), so the kernel spreads new connections across the loops and
+//! no lock or queue sits between them. Each loop is exactly the [`epoll`](super::epoll) loop.
+//!
+//! A Unix socket path cannot be shared with `SO_REUSEPORT`: there the loops share one
+//! listener, registered with `EPOLLEXCLUSIVE` so one new connection wakes one loop.
+
+use crate::model::{epoll, Ctx};
+use crate::net::{ListenOptions, Listener};
+use crate::signals::Signals;
+use socket2::Socket;
+use std::io;
+
+/// Serve with `ctx.opts.workers` epoll loops until a stop request. `listener` must have been
+/// opened with `SO_REUSEPORT` (see [`ListenOptions::reuse_port`]) for an IP endpoint.
+///
+/// # Errors
+/// Opening the sibling listeners, or a loop's fatal error.
+pub fn run(
+    listener: &Listener,
+    ctx: &Ctx,
+    signals: &Signals,
+    opts: ListenOptions,
+) -> io::Result<()> {
+    let n = ctx.opts.workers.max(1);
+    let mut listeners: Vec<Socket> = Vec::with_capacity(n);
+    let shared = listener.is_unix();
+    for i in 0..n {
+        listeners.push(if shared || i == 0 {
+            listener.try_clone()?
+        } else {
+            let sibling = listener.sibling(ListenOptions {
+                reuse_port: true,
+                ..opts
+            })?;
+            sibling.try_clone()?
+        });
+    }
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = listeners
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                std::thread::Builder::new()
+                    .name(format!("reactor-{i}"))
+                    .spawn_scoped(scope, move || epoll::run_loop(l, shared, ctx, signals.fd()))
+            })
+            .collect();
+        let mut result = Ok(());
+        for h in handles {
+            match h {
+                Ok(h) => match h.join() {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => result = Err(e),
+                    Err(_) => result = Err(io::Error::other("a reactor thread panicked")),
+                },
+                Err(e) => result = Err(e),
+            }
+        }
+        result
+    })
+}

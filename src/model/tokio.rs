@@ -1,0 +1,178 @@
+//! `tokio`: the same sessions driven by tokio's multi-threaded runtime (`--workers` worker
+//! threads): a task per connection, readiness from tokio's own epoll reactor. This is the
+//! reference point: what a Rust programmer would otherwise reach for.
+//!
+//! ```text
+//! runtime with N worker threads:
+//!     loop: conn = accept().await; spawn(task(conn))
+//!     task: loop { flush output (await writable); read (await readable); feed session }
+//! ```
+
+use crate::model::{accept, accept_action, AcceptAction, Ctx, End, Slot, READ_BUF};
+use crate::net::Listener;
+use crate::output::{Flush, Outbox};
+use crate::signals::{self, Signals};
+use socket2::Socket;
+use std::io;
+use std::time::{Duration, Instant};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::watch;
+
+/// Serve on `listener` with a tokio runtime until a stop request.
+///
+/// # Errors
+/// The runtime cannot start, or a fatal listener error.
+pub fn run(listener: &Listener, ctx: &'static Ctx, signals: &Signals) -> io::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(ctx.opts.workers.max(1))
+        .enable_io()
+        .enable_time()
+        .build()?;
+    let listen = listener.try_clone()?;
+    let wake = signals.fd().try_clone_to_owned()?;
+    let result = rt.block_on(async move {
+        let listen = crate::sys::async_fd(listen)?;
+        let wake = crate::sys::async_fd(wake)?;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let result = accept_loop(&listen, &wake, ctx, stop_rx).await;
+        drop(listen); // stop accepting: new clients are refused
+        let _ = stop_tx.send(true);
+        let deadline = Instant::now() + ctx.opts.grace;
+        while ctx.active() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if ctx.active() > 0 {
+            tracing::warn!(
+                open = ctx.active(),
+                "grace period over: closing remaining connections"
+            );
+        }
+        result
+    });
+    rt.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+async fn accept_loop(
+    listen: &AsyncFd<Socket>,
+    wake: &AsyncFd<std::os::fd::OwnedFd>,
+    ctx: &'static Ctx,
+    stop: watch::Receiver<bool>,
+) -> io::Result<()> {
+    loop {
+        tokio::select! {
+            guard = wake.readable() => {
+                let mut guard = guard?;
+                if signals::stop_requested() {
+                    return Ok(());
+                }
+                let mut b = [0u8; 64];
+                while matches!(nix::unistd::read(wake.get_ref(), &mut b), Ok(n) if n == b.len()) {}
+                guard.clear_ready();
+            }
+            guard = listen.readable() => {
+                let mut guard = guard?;
+                loop {
+                    match accept(listen.get_ref(), true) {
+                        Ok((sock, peer)) => {
+                            let Some(slot) = ctx.admit(&peer) else { continue };
+                            tokio::spawn(connection(sock, slot, ctx, stop.clone()));
+                        }
+                        Err(e) => match accept_action(&e) {
+                            AcceptAction::Wait => {
+                                guard.clear_ready();
+                                break;
+                            }
+                            AcceptAction::Retry => {}
+                            AcceptAction::Pause(d) => {
+                                tokio::time::sleep(d).await;
+                                break;
+                            }
+                            AcceptAction::Fatal => return Err(e),
+                        },
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One connection's task.
+async fn connection(
+    sock: Socket,
+    slot: Slot<'static>,
+    ctx: &'static Ctx,
+    stop: watch::Receiver<bool>,
+) {
+    let end = match crate::sys::async_fd(sock) {
+        Ok(fd) => drive(&fd, ctx, stop).await,
+        Err(e) => End::Io(e),
+    };
+    end.log(&slot.peer);
+}
+
+async fn drive(fd: &AsyncFd<Socket>, ctx: &Ctx, mut stop: watch::Receiver<bool>) -> End {
+    let mut out = Outbox::new();
+    let mut session = ctx.service.open(&mut out);
+    let mut buf = vec![0u8; READ_BUF];
+    let idle = ctx.opts.idle_timeout;
+    let mut eof = false;
+    loop {
+        while !out.is_empty() {
+            let mut guard = match fd.writable().await {
+                Ok(g) => g,
+                Err(e) => return End::Io(e),
+            };
+            match guard.try_io(|s| match out.flush(s.get_ref()) {
+                Ok(Flush::Done) => Ok(()),
+                Ok(Flush::Blocked) => Err(io::ErrorKind::WouldBlock.into()),
+                Err(e) => Err(e),
+            }) {
+                Ok(Ok(())) | Err(_) => {}
+                Ok(Err(e)) => return End::Io(e),
+            }
+        }
+        if eof || session.done() {
+            return End::Closed;
+        }
+        let stopping = *stop.borrow();
+        let idle_now = !session.mid_request();
+        let mut guard = if stopping && idle_now {
+            // Stopping: answer what already arrived, without waiting for more.
+            match tokio::time::timeout(Duration::ZERO, fd.readable()).await {
+                Ok(Ok(g)) => g,
+                Ok(Err(e)) => return End::Io(e),
+                Err(_) => return End::Shutdown,
+            }
+        } else {
+            tokio::select! {
+                g = fd.readable() => match g {
+                    Ok(g) => g,
+                    Err(e) => return End::Io(e),
+                },
+                _ = tokio::time::sleep(idle), if !idle.is_zero() => return End::IdleTimeout,
+                _ = stop.changed(), if idle_now && !stopping => continue,
+            }
+        };
+        match guard.try_io(|s| crate::model::recv(s.get_ref(), &mut buf, 0)) {
+            Ok(Ok(0)) => {
+                eof = true;
+                if let Err(e) = session.end_of_input() {
+                    return End::Protocol(e);
+                }
+            }
+            Ok(Ok(n)) => {
+                if let Err(e) = session.receive(&buf[..n], &mut out) {
+                    return End::Protocol(e);
+                }
+            }
+            Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+            Ok(Err(e)) => return End::Io(e),
+            Err(_would_block) => {
+                if stopping && idle_now {
+                    return End::Shutdown;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,197 @@
+//! `socklab serve`: open the endpoint, print the bound address, install the signal
+//! handlers, and run the chosen model (or the datagram loop) until SIGINT/SIGTERM.
+
+use crate::model::{self, Ctx, ModelKind, ServeOptions, Trigger};
+use crate::net::{bind_udp, Endpoint, ListenOptions, Listener};
+use crate::service::{ServiceConfig, ServiceKind, DEFAULT_MAX_REQUEST};
+use crate::signals::{self, Signals};
+use crate::units::{parse_duration, parse_size};
+use anyhow::Context as _;
+use socket2::Socket;
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Arguments of `socklab serve`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// The service to run.
+    #[arg(value_enum)]
+    pub service: ServiceKind,
+    /// The server design [default: reactors].
+    #[arg(short, long, value_enum)]
+    pub model: Option<ModelKind>,
+    /// Address to listen on: IPv4 or IPv6 literal or host name, with port (0 = any free port).
+    #[arg(short, long, default_value = "127.0.0.1:7000")]
+    pub listen: String,
+    /// Listen on a Unix socket at this path instead (a stale socket file is replaced).
+    #[arg(long, conflicts_with = "udp")]
+    pub unix: Option<PathBuf>,
+    /// Serve datagrams (UDP) instead of a stream: one loop, `--model` does not apply.
+    #[arg(long)]
+    pub udp: bool,
+    /// The listen backlog.
+    #[arg(long, default_value_t = 1024)]
+    pub backlog: i32,
+    /// Worker processes, threads or loops [default: cores; pool: 4 x cores].
+    #[arg(short, long)]
+    pub workers: Option<usize>,
+    /// Edge- or level-triggered epoll (epoll, reactors).
+    #[arg(long, value_enum, default_value_t = Trigger::Edge)]
+    pub trigger: Trigger,
+    /// Close connections idle this long (0 = never).
+    #[arg(long, value_parser = parse_duration, default_value = "60s")]
+    pub idle_timeout: Duration,
+    /// On SIGINT/SIGTERM, how long in-flight requests may take to finish.
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    pub grace: Duration,
+    /// Over this many open connections, new ones are accepted and closed at once.
+    #[arg(long)]
+    pub max_conns: Option<usize>,
+    /// Largest reverse request accepted (a larger declared length closes the connection).
+    #[arg(long, value_parser = parse_size, default_value_t = DEFAULT_MAX_REQUEST)]
+    pub max_request: usize,
+}
+
+/// Number of cores available to this process.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Run `socklab serve` until a stop request.
+///
+/// # Errors
+/// [`crate::net::NetError`] for a bad or busy address (a user error), other errors for
+/// failures of the server itself.
+pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
+    let endpoint = match &args.unix {
+        Some(p) => Endpoint::Unix(p.clone()),
+        None => Endpoint::Inet(args.listen.clone()),
+    };
+    let mut service = ServiceConfig::new(args.service);
+    service.max_request = args.max_request;
+    let mut signals = Signals::install().context("installing signal handlers")?;
+
+    if args.udp {
+        if let Some(m) = args.model {
+            tracing::warn!("--model {m} does not apply to --udp: datagrams are served by one loop");
+        }
+        let (sock, local) = bind_udp(&endpoint)?;
+        announce(&local)?;
+        tracing::info!(service = %args.service, "serving datagrams on {local}");
+        return serve_datagrams(&sock, &service, &signals).context("datagram loop");
+    }
+
+    let model = args.model.unwrap_or(ModelKind::Reactors);
+    let workers = args
+        .workers
+        .unwrap_or_else(|| model.default_workers(cores()))
+        .max(1);
+    let opts = ServeOptions {
+        workers,
+        trigger: args.trigger,
+        idle_timeout: args.idle_timeout,
+        grace: args.grace,
+        max_conns: args.max_conns,
+    };
+    let listen_opts = ListenOptions {
+        backlog: args.backlog,
+        reuse_port: model == ModelKind::Reactors,
+    };
+    let listener = Listener::open(&endpoint, listen_opts)?;
+    announce(&listener.local)?;
+    match model {
+        ModelKind::Prefork | ModelKind::Pool | ModelKind::Reactors | ModelKind::Tokio => {
+            tracing::info!(service = %args.service, %model, workers, "listening on {}", listener.local)
+        }
+        _ => tracing::info!(service = %args.service, %model, "listening on {}", listener.local),
+    }
+    // The context lives as long as the server: tasks of the tokio model need it 'static.
+    let ctx: &'static Ctx = Box::leak(Box::new(Ctx::new(service, opts)?));
+    let result = match model {
+        ModelKind::Iterative => model::iterative::run(&listener, ctx, &signals),
+        ModelKind::Fork => model::fork::run(listener, ctx, &mut signals),
+        ModelKind::Prefork => model::prefork::run(&listener, ctx, &mut signals),
+        ModelKind::Thread => model::thread::run(&listener, ctx, &signals),
+        ModelKind::Pool => model::pool::run(&listener, ctx, &signals),
+        ModelKind::Poll => model::poll::run(&listener, ctx, &signals),
+        ModelKind::Epoll => model::epoll::run(&listener, ctx, &signals),
+        ModelKind::Reactors => model::reactors::run(&listener, ctx, &signals, listen_opts),
+        ModelKind::Tokio => model::tokio::run(&listener, ctx, &signals),
+    };
+    result.with_context(|| format!("{model} server"))?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Print the bound address as the first line on stdout, and flush it (scripts wait for it).
+fn announce(local: &str) -> io::Result<()> {
+    let mut out = io::stdout().lock();
+    writeln!(out, "{local}")?;
+    out.flush()
+}
+
+/// The datagram loop: each datagram is a request, answered to its sender.
+///
+/// # Errors
+/// A failure of the socket itself (not of one datagram).
+pub fn serve_datagrams(
+    sock: &Socket,
+    service: &ServiceConfig,
+    signals: &Signals,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; 65536];
+    let mut reply = Vec::with_capacity(65536);
+    sock.set_nonblocking(true)?;
+    while !signals::stop_requested() {
+        let mut fds = [
+            libc::pollfd {
+                fd: signals.fd().as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: sock.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        match crate::sys::poll(&mut fds, None) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+        if fds[0].revents != 0 {
+            signals.drain();
+        }
+        loop {
+            let (n, from) = match nix::sys::socket::recvfrom::<nix::sys::socket::SockaddrStorage>(
+                sock.as_raw_fd(),
+                &mut buf,
+            ) {
+                Ok((n, Some(from))) => (n, from),
+                Ok((_, None)) => continue,
+                Err(nix::errno::Errno::EAGAIN) => break,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    // e.g. ECONNREFUSED from an earlier reply's ICMP: one peer's problem.
+                    tracing::debug!("recvfrom: {e}");
+                    continue;
+                }
+            };
+            if service.datagram(&buf[..n], &mut reply) {
+                if let Err(e) = nix::sys::socket::sendto(
+                    sock.as_raw_fd(),
+                    &reply,
+                    &from,
+                    nix::sys::socket::MsgFlags::empty(),
+                ) {
+                    tracing::debug!(peer = %from, "sendto: {e}");
+                }
+            }
+        }
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
