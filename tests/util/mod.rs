@@ -1,0 +1,238 @@
+//! Helpers shared by the integration tests: start a real `socklab serve` process on an
+//! ephemeral port, talk the protocols, inspect processes through `/proc`.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// The socklab binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_socklab");
+
+/// Default timeout for any socket operation in tests.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A running `socklab serve`, killed (SIGKILL) if a test forgets to stop it.
+pub struct Server {
+    pub child: Child,
+    /// The first stdout line: the bound address or the Unix path.
+    pub addr: String,
+    stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+impl Server {
+    /// Start `socklab serve <args...>` and wait for its address line.
+    pub fn start(args: &[&str]) -> Server {
+        let mut child = Command::new(BIN)
+            .arg("serve")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn socklab");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        let mut err = child.stderr.take().unwrap();
+        let stderr = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err.read_to_string(&mut s);
+            s
+        });
+        assert!(
+            !line.trim().is_empty(),
+            "server printed no address: {args:?}"
+        );
+        Server {
+            child,
+            addr: line.trim().to_string(),
+            stderr: Some(stderr),
+        }
+    }
+
+    /// A TCP server of `service` under `model` on 127.0.0.1:0, with extra arguments.
+    pub fn tcp(service: &str, model: &str, extra: &[&str]) -> Server {
+        let mut args = vec![service, "--model", model, "--listen", "127.0.0.1:0"];
+        if !extra.contains(&"--workers") {
+            // Process and thread pools serve one connection per worker: give them room for
+            // the stalled clients some tests hold open.
+            args.extend([
+                "--workers",
+                if matches!(model, "pool" | "prefork") {
+                    "8"
+                } else {
+                    "2"
+                },
+            ]);
+        }
+        args.extend_from_slice(extra);
+        Server::start(&args)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn connect(&self) -> TcpStream {
+        let s = TcpStream::connect(&self.addr).expect("connect");
+        s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+        s
+    }
+
+    pub fn connect_unix(&self) -> UnixStream {
+        let s = UnixStream::connect(&self.addr).expect("connect unix");
+        s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+        s
+    }
+
+    /// Send SIGTERM.
+    pub fn term(&self) {
+        signal(self.pid(), libc::SIGTERM);
+    }
+
+    /// SIGTERM and wait for the exit (at most `limit`); returns the status and stderr.
+    pub fn stop(mut self) -> (ExitStatus, String) {
+        self.term();
+        let status = wait_timeout(&mut self.child, Duration::from_secs(15))
+            .expect("server did not exit within 15 s of SIGTERM");
+        let err = self.stderr.take().unwrap().join().unwrap();
+        (status, err)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+pub fn signal(pid: u32, sig: i32) {
+    // The test's own child: a plain kill(2) through the kill command keeps tests safe-Rust.
+    let status = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+pub fn wait_timeout(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return Some(s);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// One reverse request: header + data, then exactly `data.len()` bytes back.
+pub fn reverse<S: Read + Write>(s: &mut S, data: &[u8]) -> Vec<u8> {
+    let mut msg = (data.len() as u32).to_be_bytes().to_vec();
+    msg.extend_from_slice(data);
+    s.write_all(&msg).unwrap();
+    let mut got = vec![0u8; data.len()];
+    s.read_exact(&mut got).unwrap();
+    got
+}
+
+pub fn reversed(data: &[u8]) -> Vec<u8> {
+    data.iter().rev().copied().collect()
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
+pub fn bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Whether the peer closed: a read returns 0 or a reset within the timeout.
+pub fn closed_by_peer(s: &mut TcpStream) -> bool {
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut b = [0u8; 1];
+    match s.read(&mut b) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => matches!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted
+        ),
+    }
+}
+
+pub fn half_close(s: &TcpStream) {
+    s.shutdown(Shutdown::Write).unwrap();
+}
+
+/// Processes whose parent is `pid`, with their state letter (`Z` = zombie).
+pub fn children_of(pid: u32) -> Vec<(u32, char)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(p) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...: comm may contain spaces, so split after the last ')'.
+        let Some(rest) = stat.rsplit_once(')').map(|x| x.1) else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if fields.len() > 1 && fields[1].parse::<u32>().ok() == Some(pid) {
+            out.push((p, fields[0].chars().next().unwrap_or('?')));
+        }
+    }
+    out
+}
+
+/// Resident memory of a process in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// CPU time (user + system) of a process, in clock ticks.
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After the comm: state(0) ppid(1) ... utime is field 14 of stat, i.e. index 11 here.
+    let utime: u64 = f.get(11).and_then(|x| x.parse().ok()).unwrap_or(0);
+    let stime: u64 = f.get(12).and_then(|x| x.parse().ok()).unwrap_or(0);
+    utime + stime
+}
+
+/// Poll `cond` until it holds or `limit` passes.
+pub fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cond()
+}
