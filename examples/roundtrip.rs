@@ -43,7 +43,10 @@ fn main() {
             })
         })
         .collect();
-    let mut all: Vec<Duration> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    let mut all: Vec<Duration> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
     all.sort();
     let n = all.len();
     let pct = |p: f64| all[((n as f64 * p) as usize).min(n - 1)];

@@ -145,26 +145,7 @@ pub fn serve_datagrams(
     let mut reply = Vec::with_capacity(65536);
     sock.set_nonblocking(true)?;
     while !signals::stop_requested() {
-        let mut fds = [
-            libc::pollfd {
-                fd: signals.fd().as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: sock.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        match crate::sys::poll(&mut fds, None) {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-        if fds[0].revents != 0 {
-            signals.drain();
-        }
+        crate::model::wait_signal_or(signals, sock.as_raw_fd(), None)?;
         loop {
             let (n, from) = match nix::sys::socket::recvfrom::<nix::sys::socket::SockaddrStorage>(
                 sock.as_raw_fd(),

@@ -318,9 +318,9 @@ impl<'a> Book<'a> {
         Expired { resume_accept }
     }
 
-    /// A stop was requested: remember it, queue the end of the grace period, and close the
-    /// idle connections after giving each a last chance to read what already arrived
-    /// (returned: the tokens that stay open, to be driven with `drive`).
+    /// A stop was requested: remember it, queue the end of the grace period, and mark every
+    /// connection readable so the caller's next drive of each answers what already arrived
+    /// and closes it if it is then idle.
     pub fn begin_stop(&mut self, grace: Duration, now: Instant) {
         self.stopping = true;
         self.timers.insert(now + grace, TimerKey::Grace);

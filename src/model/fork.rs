@@ -84,7 +84,7 @@ pub struct Children {
 }
 
 impl Children {
-    /// Collect every child that has exited (`waitpid(-1, WNOHANG)`), returning how many.
+    /// Collect every child that has exited (`waitpid(-1, WNOHANG)`), returning their pids.
     /// With `ctx`, each releases the connection slot it held.
     pub fn reap(&mut self, ctx: Option<&Ctx>) -> Vec<Pid> {
         let mut gone = Vec::new();

@@ -10,7 +10,7 @@
 //! While one client is served every other waits in the listen backlog: the baseline every
 //! concurrent design is measured against.
 
-use crate::model::{accept_or_signal, serve_blocking, Accepted, Ctx};
+use crate::model::{for_each_connection, serve_blocking, Ctx};
 use crate::net::Listener;
 use crate::signals::Signals;
 use std::io;
@@ -22,18 +22,9 @@ use std::sync::atomic::AtomicBool;
 /// A fatal listener error.
 pub fn run(listener: &Listener, ctx: &Ctx, signals: &Signals) -> io::Result<()> {
     let busy = AtomicBool::new(false);
-    loop {
-        match accept_or_signal(listener, signals)? {
-            Accepted::Stop => return Ok(()),
-            Accepted::Signal => continue,
-            Accepted::Conn(sock, peer) => {
-                let Some(slot) = ctx.admit(&peer) else {
-                    continue;
-                };
-                // A stop signal interrupts the blocking recv (EINTR); the driver then
-                // finishes the request in flight, if any, and returns.
-                serve_blocking(&sock, ctx, &busy).log(&slot.peer);
-            }
-        }
-    }
+    for_each_connection(listener, ctx, signals, |sock, slot| {
+        // A stop signal interrupts the blocking recv (EINTR); the driver then finishes the
+        // request in flight, if any, and returns.
+        serve_blocking(&sock, ctx, &busy).log(&slot.peer);
+    })
 }

@@ -35,6 +35,7 @@ use crate::signals::{self, Signals};
 use crate::sys::SharedCounter;
 use socket2::{SockAddr, Socket};
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -300,6 +301,51 @@ pub enum Accepted {
     Signal,
 }
 
+/// What [`wait_signal_or`] saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Woken {
+    /// The signal pipe had a byte (already drained).
+    pub signal: bool,
+    /// The watched descriptor is readable.
+    pub ready: bool,
+}
+
+/// Wait until the signal pipe or `fd` is readable, or `timeout` passes. `fd` may be
+/// negative to wait for signals alone (`poll` skips negative descriptors). `EINTR` counts as
+/// a signal.
+///
+/// # Errors
+/// `poll`'s errno other than `EINTR`.
+pub fn wait_signal_or(
+    signals: &Signals,
+    fd: RawFd,
+    timeout: Option<Duration>,
+) -> io::Result<Woken> {
+    let pollfd = |fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let mut fds = [pollfd(signals.fd().as_raw_fd()), pollfd(fd)];
+    match crate::sys::poll(&mut fds, timeout) {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+            return Ok(Woken {
+                signal: true,
+                ready: false,
+            })
+        }
+        Err(e) => return Err(e),
+    }
+    if fds[0].revents != 0 {
+        signals.drain();
+    }
+    Ok(Woken {
+        signal: fds[0].revents != 0,
+        ready: fds[1].revents != 0,
+    })
+}
+
 /// The accept loop of the blocking designs: wait in `poll` for the listener *or* the signal
 /// pipe, then accept (blocking sockets for the connection). Accept errors are handled here:
 /// transient ones retried, descriptor exhaustion paused (not spun on).
@@ -307,43 +353,24 @@ pub enum Accepted {
 /// # Errors
 /// A fatal listener error.
 pub fn accept_or_signal(listener: &Listener, signals: &Signals) -> io::Result<Accepted> {
-    use std::os::fd::AsRawFd;
     let mut paused_until: Option<Instant> = None;
     loop {
         if signals::stop_requested() {
             return Ok(Accepted::Stop);
         }
         let now = Instant::now();
-        let listen_fd = match paused_until {
-            Some(t) if t > now => -1, // poll ignores negative descriptors
-            _ => listener.socket.as_raw_fd(),
+        let (fd, timeout) = match paused_until {
+            Some(t) if t > now => (-1, Some(t - now)),
+            _ => (listener.socket.as_raw_fd(), None),
         };
-        let mut fds = [
-            libc::pollfd {
-                fd: signals.fd().as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: listen_fd,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        let timeout = paused_until.map(|t| t.saturating_duration_since(now));
-        match crate::sys::poll(&mut fds, timeout) {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-        if fds[0].revents != 0 {
-            signals.drain();
+        let woken = wait_signal_or(signals, fd, timeout)?;
+        if woken.signal {
             if signals::stop_requested() {
                 return Ok(Accepted::Stop);
             }
             return Ok(Accepted::Signal);
         }
-        if listen_fd < 0 || fds[1].revents == 0 {
+        if !woken.ready {
             continue;
         }
         match accept(&listener.socket, false) {
@@ -353,6 +380,30 @@ pub fn accept_or_signal(listener: &Listener, signals: &Signals) -> io::Result<Ac
                 AcceptAction::Pause(d) => paused_until = Some(Instant::now() + d),
                 AcceptAction::Fatal => return Err(e),
             },
+        }
+    }
+}
+
+/// `loop { conn = accept(); handle(conn) }` until a stop request: the outer loop of the
+/// iterative, thread and pool designs. Connections over `--max-conns` are closed here.
+///
+/// # Errors
+/// A fatal listener error.
+pub fn for_each_connection<'a>(
+    listener: &Listener,
+    ctx: &'a Ctx,
+    signals: &Signals,
+    mut handle: impl FnMut(Socket, Slot<'a>),
+) -> io::Result<()> {
+    loop {
+        match accept_or_signal(listener, signals)? {
+            Accepted::Stop => return Ok(()),
+            Accepted::Signal => {}
+            Accepted::Conn(sock, peer) => {
+                if let Some(slot) = ctx.admit(&peer) {
+                    handle(sock, slot);
+                }
+            }
         }
     }
 }

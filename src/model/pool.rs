@@ -16,7 +16,7 @@
 //! request the queue is closed: workers finish what they have, answer what already arrived
 //! on queued connections, and exit.
 
-use crate::model::{accept_or_signal, serve_blocking, Accepted, Ctx, Slot, Tracker};
+use crate::model::{for_each_connection, serve_blocking, Ctx, Slot, Tracker};
 use crate::net::Listener;
 use crate::signals::{self, Signals};
 use socket2::Socket;
@@ -143,20 +143,10 @@ pub fn run(listener: &Listener, ctx: &Ctx, signals: &Signals) -> io::Result<()> 
                     }
                 })?;
         }
-        let result = loop {
-            match accept_or_signal(listener, signals) {
-                Err(e) => break Err(e),
-                Ok(Accepted::Stop) => break Ok(()),
-                Ok(Accepted::Signal) => continue,
-                Ok(Accepted::Conn(sock, peer)) => {
-                    let Some(slot) = ctx.admit(&peer) else {
-                        continue;
-                    };
-                    // Dropped (closed) if the server stops while the queue is full.
-                    let _ = queue.push((sock, slot), signals::stop_requested);
-                }
-            }
-        };
+        let result = for_each_connection(listener, ctx, signals, |sock, slot| {
+            // Dropped (closed) if the server stops while the queue is full.
+            let _ = queue.push((sock, slot), signals::stop_requested);
+        });
         // Stop: workers finish their connection and drain the queue (answering only what
         // already arrived), idle connections are woken, stragglers cut after the grace.
         queue.close();

@@ -16,12 +16,11 @@
 //! middle of a request finishes it first.
 
 use crate::model::fork::Children;
-use crate::model::{accept, accept_action, serve_blocking, AcceptAction, Ctx};
+use crate::model::{accept, accept_action, serve_blocking, wait_signal_or, AcceptAction, Ctx};
 use crate::net::Listener;
 use crate::signals::{self, Signals};
 use crate::sys::{self, Fork};
 use std::io;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::AtomicBool;
 
 /// Serve on `listener` with `ctx.opts.workers` preforked processes until a stop request.
@@ -36,16 +35,7 @@ pub fn run(listener: &Listener, ctx: &Ctx, signals: &mut Signals) -> io::Result<
         spawn_worker(listener, ctx, signals, &mut children)?;
     }
     while !signals::stop_requested() {
-        let mut fds = [libc::pollfd {
-            fd: signals.fd().as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        }];
-        match sys::poll(&mut fds, None) {
-            Ok(_) => signals.drain(),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
+        wait_signal_or(signals, -1, None)?;
         for pid in children.reap(None) {
             if !signals::stop_requested() {
                 tracing::warn!(%pid, "worker exited; starting another");

@@ -1,6 +1,6 @@
 //! `reactors`: `--workers` epoll loops on as many threads, each with a listener of its own on
 //! the same port (`SO_REUSEPORT`), so the kernel spreads new connections across the loops and
-//! no lock or queue sits between them. Each loop is exactly the [`epoll`](super::epoll) loop.
+//! no lock or queue sits between them. Each loop is exactly the [`super::epoll`] loop.
 //!
 //! A Unix socket path cannot be shared with `SO_REUSEPORT`: there the loops share one
 //! listener, registered with `EPOLLEXCLUSIVE` so one new connection wakes one loop.

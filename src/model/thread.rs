@@ -10,7 +10,7 @@
 //! idle connection (its thread sees end-of-file and exits), lets busy ones finish within the
 //! grace period, then cuts what is left.
 
-use crate::model::{accept_or_signal, serve_blocking, Accepted, Ctx, Tracker};
+use crate::model::{for_each_connection, serve_blocking, Ctx, Tracker};
 use crate::net::Listener;
 use crate::signals::Signals;
 use std::io;
@@ -22,32 +22,22 @@ use std::io;
 pub fn run(listener: &Listener, ctx: &Ctx, signals: &Signals) -> io::Result<()> {
     let tracker = Tracker::default();
     std::thread::scope(|scope| {
-        let result = loop {
-            match accept_or_signal(listener, signals) {
-                Err(e) => break Err(e),
-                Ok(Accepted::Stop) => break Ok(()),
-                Ok(Accepted::Signal) => continue,
-                Ok(Accepted::Conn(sock, peer)) => {
-                    let Some(slot) = ctx.admit(&peer) else {
-                        continue;
-                    };
-                    let conn = tracker.add(sock);
-                    let kept = conn.clone();
-                    let tracker = &tracker;
-                    let spawned = std::thread::Builder::new()
-                        .stack_size(256 * 1024)
-                        .spawn_scoped(scope, move || {
-                            serve_blocking(&conn.socket, ctx, &conn.busy).log(&slot.peer);
-                            tracker.remove(&conn);
-                        });
-                    if let Err(e) = spawned {
-                        // Out of threads: this connection is dropped, the server goes on.
-                        tracing::warn!("cannot spawn a connection thread: {e}");
-                        tracker.remove(&kept);
-                    }
-                }
+        let result = for_each_connection(listener, ctx, signals, |sock, slot| {
+            let conn = tracker.add(sock);
+            let kept = conn.clone();
+            let tracker = &tracker;
+            let spawned = std::thread::Builder::new()
+                .stack_size(256 * 1024)
+                .spawn_scoped(scope, move || {
+                    serve_blocking(&conn.socket, ctx, &conn.busy).log(&slot.peer);
+                    tracker.remove(&conn);
+                });
+            if let Err(e) = spawned {
+                // Out of threads: this connection is dropped, the server goes on.
+                tracing::warn!("cannot spawn a connection thread: {e}");
+                tracker.remove(&kept);
             }
-        };
+        });
         tracker.drain(ctx.opts.grace);
         result
     })
