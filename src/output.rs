@@ -16,7 +16,7 @@ use std::os::fd::AsFd;
 const COALESCE: usize = 256 * 1024;
 
 /// At most this many buffers are handed to one `writev`.
-const MAX_IOV: usize = 64;
+const MAX_IOV: usize = 16;
 
 /// One queued piece of output.
 #[derive(Debug)]
@@ -117,13 +117,13 @@ impl Outbox {
     pub fn flush(&mut self, sock: &impl AsFd) -> io::Result<Flush> {
         while self.pending > 0 {
             let n = {
-                let slices: Vec<IoSlice<'_>> = self
-                    .queue
-                    .iter()
-                    .take(MAX_IOV)
-                    .map(|c| IoSlice::new(&c.buf[c.sent..]))
-                    .collect();
-                match nix::sys::uio::writev(sock, &slices) {
+                let mut slices = [IoSlice::new(&[]); MAX_IOV];
+                let mut count = 0;
+                for (slot, c) in slices.iter_mut().zip(&self.queue) {
+                    *slot = IoSlice::new(&c.buf[c.sent..]);
+                    count += 1;
+                }
+                match nix::sys::uio::writev(sock, &slices[..count]) {
                     Ok(n) => n,
                     Err(nix::errno::Errno::EINTR) => continue,
                     Err(nix::errno::Errno::EAGAIN) => return Ok(Flush::Blocked),

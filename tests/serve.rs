@@ -341,3 +341,30 @@ mod epoll_level {
         assert!(srv.stop().0.success());
     }
 }
+
+/// Data and FIN arriving together, many times: the edge-triggered short-read shortcut must
+/// still see the end-of-file (no edge announces it again), under every event loop.
+#[test]
+fn request_with_fin_in_one_burst_is_answered_and_closed() {
+    for (model, extra) in [
+        ("epoll", &[][..]),
+        ("epoll", &["--trigger", "level"][..]),
+        ("reactors", &[][..]),
+        ("poll", &[][..]),
+        ("tokio", &[][..]),
+    ] {
+        let srv = Server::tcp("reverse", model, extra);
+        for i in 0..200u64 {
+            let mut s = srv.connect();
+            let d = bytes(i, (i as usize * 37) % 3000);
+            let mut msg = (d.len() as u32).to_be_bytes().to_vec();
+            msg.extend_from_slice(&d);
+            s.write_all(&msg).unwrap();
+            half_close(&s);
+            let mut all = Vec::new();
+            s.read_to_end(&mut all).unwrap();
+            assert_eq!(all, reversed(&d), "{model} {extra:?} round {i}");
+        }
+        assert!(srv.stop().0.success());
+    }
+}

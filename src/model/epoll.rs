@@ -132,13 +132,10 @@ pub fn run_loop(
                         continue;
                     };
                     let flags = ev.events();
-                    if flags.intersects(
-                        EpollFlags::EPOLLIN
-                            | EpollFlags::EPOLLHUP
-                            | EpollFlags::EPOLLERR
-                            | EpollFlags::EPOLLRDHUP,
-                    ) {
-                        conn.set_readable();
+                    let hangup =
+                        EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR | EpollFlags::EPOLLRDHUP;
+                    if flags.intersects(EpollFlags::EPOLLIN | hangup) {
+                        conn.set_readable(flags.intersects(hangup));
                     }
                     drive(&epoll, &mut book, t, &mut buf, edge, now);
                 }

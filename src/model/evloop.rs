@@ -36,6 +36,9 @@ pub struct Conn<'a> {
     readable: bool,
     /// The peer sent end-of-file.
     eof: bool,
+    /// The kernel reported the peer's FIN or an error with the last readiness: read on until
+    /// end-of-file even after a short read.
+    hangup: bool,
     /// When the connection last moved bytes (for the idle timeout).
     pub last_active: Instant,
     /// The deadline this connection has queued in the timers.
@@ -65,6 +68,7 @@ impl<'a> Conn<'a> {
             out,
             readable: true,
             eof: false,
+            hangup: false,
             last_active: now,
             deadline: now,
             registered: Interest {
@@ -79,9 +83,11 @@ impl<'a> Conn<'a> {
         &self.slot.peer
     }
 
-    /// The kernel said the socket is readable.
-    pub fn set_readable(&mut self) {
+    /// The kernel said the socket is readable; `hangup` when it also reported the peer's
+    /// FIN (`EPOLLRDHUP`/`POLLHUP`) or an error.
+    pub fn set_readable(&mut self, hangup: bool) {
         self.readable = true;
+        self.hangup |= hangup;
     }
 
     /// Whether the connection can be closed without cutting a request: nothing half-received,
@@ -135,8 +141,13 @@ impl<'a> Conn<'a> {
                     if let Err(e) = self.session.receive(&buf[..n], &mut self.out) {
                         return Step::Close(End::Protocol(e));
                     }
-                    if !edge {
-                        // Level triggering will report the rest; this read was our turn.
+                    // Level triggering will report the rest: this read was our turn. With
+                    // edge triggering a short read also proves the receive queue was empty,
+                    // and anything arriving later raises a new edge, so the read that would
+                    // only return EAGAIN can be skipped (one syscall less per request) --
+                    // unless the FIN was already reported with this edge: then read on to
+                    // the end-of-file, which no new edge would announce.
+                    if !edge || (n < buf.len() && !self.hangup) {
                         self.readable = false;
                     }
                 }
@@ -326,7 +337,7 @@ impl<'a> Book<'a> {
         self.timers.insert(now + grace, TimerKey::Grace);
         for t in self.conns.tokens() {
             if let Some(c) = self.conns.get_mut(t) {
-                c.set_readable();
+                c.set_readable(false);
             }
         }
     }

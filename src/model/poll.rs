@@ -99,7 +99,7 @@ pub fn run(listener: &Listener, ctx: &Ctx, signals: &Signals) -> io::Result<()> 
                 continue;
             };
             if revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
-                conn.set_readable();
+                conn.set_readable(revents & (libc::POLLHUP | libc::POLLERR) != 0);
             }
             drive(&mut book, t, &mut buf, now);
         }

@@ -162,6 +162,11 @@ async fn drive(fd: &AsyncFd<Socket>, ctx: &Ctx, mut stop: watch::Receiver<bool>)
                 }
             }
             Ok(Ok(n)) => {
+                // What tokio's own TcpStream does: a short read means the socket is drained,
+                // so forget the readiness instead of paying for a read that says EAGAIN.
+                if n < buf.len() {
+                    guard.clear_ready();
+                }
                 if let Err(e) = session.receive(&buf[..n], &mut out) {
                     return End::Protocol(e);
                 }
