@@ -205,6 +205,16 @@ fn sigterm_in_flight(model: &str) {
     std::thread::sleep(Duration::from_millis(300));
     srv.term();
     std::thread::sleep(Duration::from_millis(200));
+    if model != "iterative" {
+        // Stopping servers refuse new connections rather than queue them unserved.
+        let refused = std::net::TcpStream::connect(&srv.addr)
+            .map(|mut c| closed_by_peer(&mut c))
+            .unwrap_or(true);
+        assert!(
+            refused,
+            "{model}: a stopping server still accepts connections"
+        );
+    }
     s.write_all(&data[1000..]).unwrap();
     let mut got = vec![0u8; data.len()];
     s.read_exact(&mut got).unwrap();

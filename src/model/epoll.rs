@@ -115,6 +115,7 @@ pub fn run_loop(
                         epoll.delete(listener)?;
                         accepting = false;
                     }
+                    crate::model::stop_listening(listener);
                     book.begin_stop(ctx.opts.grace, now);
                     for t in book.conns.tokens() {
                         drive(&epoll, &mut book, t, &mut buf, edge, now);

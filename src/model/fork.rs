@@ -60,6 +60,7 @@ pub fn run(listener: Listener, ctx: &Ctx, signals: &mut Signals) -> io::Result<(
         }
         children.reap(Some(ctx));
     };
+    crate::model::stop_listening(&listener.socket);
     children.stop(ctx.opts.grace, Some(ctx));
     result
 }
@@ -112,6 +113,13 @@ impl Children {
         gone
     }
 
+    /// Send `sig` to every child.
+    pub fn signal_all(&self, sig: Signal) {
+        for &pid in &self.pids {
+            let _ = kill(pid, sig);
+        }
+    }
+
     /// Stop every child: SIGTERM (repeated every 100 ms, so a child that was about to block
     /// cannot miss it), up to `grace`; then SIGKILL; all reaped.
     pub fn stop(&mut self, grace: Duration, ctx: Option<&Ctx>) {
@@ -119,9 +127,7 @@ impl Children {
         let mut last_term: Option<Instant> = None;
         while !self.pids.is_empty() && Instant::now() < deadline {
             if last_term.is_none_or(|t| t.elapsed() >= Duration::from_millis(100)) {
-                for &pid in &self.pids {
-                    let _ = kill(pid, Signal::SIGTERM);
-                }
+                self.signal_all(Signal::SIGTERM);
                 last_term = Some(Instant::now());
             }
             std::thread::sleep(Duration::from_millis(5));
@@ -132,9 +138,7 @@ impl Children {
                 left = self.pids.len(),
                 "grace period over: killing remaining children"
             );
-            for &pid in &self.pids {
-                let _ = kill(pid, Signal::SIGKILL);
-            }
+            self.signal_all(Signal::SIGKILL);
             while !self.pids.is_empty() {
                 let before = self.pids.len();
                 self.reap(ctx);

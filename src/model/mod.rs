@@ -384,6 +384,16 @@ pub fn accept_or_signal(listener: &Listener, signals: &Signals) -> io::Result<Ac
     }
 }
 
+/// Stop listening at once on a stop request: `shutdown(2)` on a listening socket makes the
+/// kernel refuse new connections (`ECONNREFUSED`) instead of queueing them in a backlog
+/// nobody will accept from during the grace period. (TCP connections already queued and not
+/// yet accepted are reset.) The descriptor itself stays open until the server exits.
+pub fn stop_listening(listener: &Socket) {
+    if let Err(e) = listener.shutdown(std::net::Shutdown::Read) {
+        tracing::debug!("shutdown of the listener: {e}");
+    }
+}
+
 /// `loop { conn = accept(); handle(conn) }` until a stop request: the outer loop of the
 /// iterative, thread and pool designs. Connections over `--max-conns` are closed here.
 ///
@@ -397,7 +407,10 @@ pub fn for_each_connection<'a>(
 ) -> io::Result<()> {
     loop {
         match accept_or_signal(listener, signals)? {
-            Accepted::Stop => return Ok(()),
+            Accepted::Stop => {
+                stop_listening(&listener.socket);
+                return Ok(());
+            }
             Accepted::Signal => {}
             Accepted::Conn(sock, peer) => {
                 if let Some(slot) = ctx.admit(&peer) {

@@ -84,6 +84,7 @@ pub fn run(listener: &Listener, ctx: &Ctx, signals: &Signals) -> io::Result<()> 
             signals.drain();
             if signals::stop_requested() {
                 accepting = false;
+                crate::model::stop_listening(&listener.socket);
                 book.begin_stop(ctx.opts.grace, now);
                 for t in book.conns.tokens() {
                     drive(&mut book, t, &mut buf, now);

@@ -43,6 +43,10 @@ pub fn run(listener: &Listener, ctx: &Ctx, signals: &mut Signals) -> io::Result<
             }
         }
     }
+    // Tell the workers first: one blocked in accept is interrupted by the signal before it
+    // can see the error the listener's shutdown gives it.
+    children.signal_all(nix::sys::signal::Signal::SIGTERM);
+    crate::model::stop_listening(&listener.socket);
     children.stop(ctx.opts.grace, None);
     Ok(())
 }
@@ -81,6 +85,8 @@ fn worker(listener: &Listener, ctx: &Ctx) -> io::Result<()> {
         let (sock, peer) = match accept(&listener.socket, false) {
             Ok(x) => x,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            // Stopping: the parent shut the listener down.
+            Err(_) if signals::stop_requested() => break,
             Err(e) => match accept_action(&e) {
                 AcceptAction::Wait | AcceptAction::Retry => continue,
                 AcceptAction::Pause(d) => {

@@ -35,7 +35,8 @@ pub fn run(listener: &Listener, ctx: &'static Ctx, signals: &Signals) -> io::Res
         let wake = crate::sys::async_fd(wake)?;
         let (stop_tx, stop_rx) = watch::channel(false);
         let result = accept_loop(&listen, &wake, ctx, stop_rx).await;
-        drop(listen); // stop accepting: new clients are refused
+        crate::model::stop_listening(listen.get_ref()); // new clients are refused
+        drop(listen);
         let _ = stop_tx.send(true);
         let deadline = Instant::now() + ctx.opts.grace;
         while ctx.active() > 0 && Instant::now() < deadline {
