@@ -284,6 +284,66 @@ fn no_zombies(model: &str) {
     }
 }
 
+/// A client that asks for 8 MiB and resets the connection without reading: the server logs
+/// it and goes on serving.
+fn client_resets_during_answer(model: &str) {
+    let srv = Server::tcp("reverse", model, &[]);
+    for i in 0..3 {
+        let mut s = srv.connect();
+        let data = bytes(i, 8 << 20);
+        s.write_all(&(data.len() as u32).to_be_bytes()).unwrap();
+        s.write_all(&data).unwrap();
+        // Unread data in our receive queue: close() sends RST.
+        std::thread::sleep(Duration::from_millis(50));
+        drop(s);
+    }
+    let mut s = srv.connect();
+    assert_eq!(reverse(&mut s, b"fine"), b"enif", "{model}");
+    drop(s);
+    let (status, err) = srv.stop();
+    assert!(status.success(), "{model}: {err}");
+}
+
+/// An echo client that sends 64 MiB before reading anything: the server's memory stays
+/// bounded (it stops reading while its output backs up), and every byte comes back in order.
+fn echo_flood_is_bounded_and_exact(model: &str) {
+    echo_flood_with(model, &[]);
+    if model == "epoll" {
+        echo_flood_with(model, &["--trigger", "level"]);
+    }
+}
+
+fn echo_flood_with(model: &str, extra: &[&str]) {
+    let srv = Server::tcp("echo", model, extra);
+    let s = srv.connect();
+    let data = bytes(5, 64 << 20);
+    let mut w = s.try_clone().unwrap();
+    let sent = data.clone();
+    let writer = std::thread::spawn(move || w.write_all(&sent));
+    std::thread::sleep(Duration::from_millis(300));
+    let mut pids = vec![srv.pid()];
+    pids.extend(children_of(srv.pid()).into_iter().map(|c| c.0));
+    // Blocked on a client that does not read, the server waits: no memory growth, and no
+    // spinning (a level-triggered loop that kept asking for input it will not read would).
+    let ticks = |pids: &[u32]| pids.iter().map(|&p| cpu_ticks(p)).sum::<u64>();
+    let before = ticks(&pids);
+    std::thread::sleep(Duration::from_millis(500));
+    let used = ticks(&pids) - before;
+    assert!(
+        used < 20,
+        "{model}: {used} CPU ticks in 0.5 s while blocked on a slow reader"
+    );
+    let kib: u64 = pids.iter().map(|&p| rss_kib(p)).max().unwrap_or(0);
+    assert!(kib < 24 * 1024, "{model}: {kib} KiB resident while flooded");
+    let mut got = vec![0u8; data.len()];
+    let mut r = s;
+    r.read_exact(&mut got).unwrap();
+    writer.join().unwrap().unwrap();
+    assert!(got == data, "{model}: echoed bytes differ");
+    drop(r);
+    assert!(srv.stop().0.success());
+}
+
 macro_rules! per_model {
     ($($model:ident),*) => {$(
         mod $model {
@@ -295,6 +355,8 @@ macro_rules! per_model {
             #[test] fn sigterm_in_flight() { super::sigterm_in_flight(stringify!($model)) }
             #[test] fn echo_and_daytime() { super::echo_and_daytime(stringify!($model)) }
             #[test] fn no_zombies() { super::no_zombies(stringify!($model)) }
+            #[test] fn client_resets_during_answer() { super::client_resets_during_answer(stringify!($model)) }
+            #[test] fn echo_flood_is_bounded_and_exact() { super::echo_flood_is_bounded_and_exact(stringify!($model)) }
         }
     )*};
 }

@@ -5,7 +5,7 @@
 //! The loops differ only in how they learn readiness (`poll` rebuilds an array each round,
 //! `epoll` keeps an interest list in the kernel) and in edge vs level triggering.
 
-use crate::model::{Ctx, End, Slot, HIGH_WATER};
+use crate::model::{Ctx, End, Slot};
 use crate::output::{Flush, Outbox};
 use crate::service::Session;
 use crate::signals;
@@ -106,10 +106,13 @@ impl<'a> Conn<'a> {
             match self.out.flush(&self.sock) {
                 Ok(Flush::Done) => {}
                 Ok(Flush::Blocked) => {
+                    // The peer is not reading: read nothing more from it until it does (the
+                    // server's memory stays bounded), and ask only for writability -- a
+                    // level-triggered loop still asking for input would be woken again and
+                    // again for input it will not read, and spin.
                     self.last_active = now;
                     return Step::Keep(Interest {
-                        // Keep reading only while the backlog of output stays small.
-                        read: !self.eof && self.out.pending() < HIGH_WATER,
+                        read: false,
                         write: true,
                     });
                 }

@@ -143,10 +143,6 @@ impl Default for ServeOptions {
     }
 }
 
-/// Output beyond this many queued bytes stops a connection's reads until it drains:
-/// a client that sends without reading cannot make the server buffer without bound.
-pub const HIGH_WATER: usize = 1 << 20;
-
 /// Size of the buffer a connection reads into.
 pub const READ_BUF: usize = 64 * 1024;
 
