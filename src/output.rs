@@ -86,6 +86,8 @@ impl Outbox {
             return;
         }
         self.pending += bytes.len();
+        // Measured (examples/session_cost): extending from the reversed iterator compiles to
+        // a vectorised loop, about 5x faster than copying and then `reverse()`-ing in place.
         self.tail(bytes.len()).extend(bytes.iter().rev());
     }
 

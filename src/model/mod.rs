@@ -34,6 +34,7 @@ use crate::service::{ProtocolError, ServiceConfig};
 use crate::signals::{self, Signals};
 use crate::sys::SharedCounter;
 use socket2::{SockAddr, Socket};
+use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -424,6 +425,7 @@ pub struct Tracked {
     pub socket: Socket,
     /// Set while part of a request has arrived and its answer is not fully sent.
     pub busy: AtomicBool,
+    id: u64,
 }
 
 /// The open connections of a thread design, so that on shutdown the main thread can close
@@ -431,23 +433,26 @@ pub struct Tracked {
 /// and, when the grace period is over, all of them.
 #[derive(Debug, Default)]
 pub struct Tracker {
-    conns: Mutex<Vec<Arc<Tracked>>>,
+    conns: Mutex<HashMap<u64, Arc<Tracked>>>,
+    next_id: std::sync::atomic::AtomicU64,
 }
 
 impl Tracker {
     /// Record a new connection.
     pub fn add(&self, socket: Socket) -> Arc<Tracked> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let t = Arc::new(Tracked {
             socket,
             busy: AtomicBool::new(false),
+            id,
         });
-        self.lock().push(t.clone());
+        self.lock().insert(id, t.clone());
         t
     }
 
     /// Forget a connection (its thread is done with it).
     pub fn remove(&self, t: &Arc<Tracked>) {
-        self.lock().retain(|x| !Arc::ptr_eq(x, t));
+        self.lock().remove(&t.id);
     }
 
     /// Number of connections still open.
@@ -460,7 +465,7 @@ impl Tracker {
         self.len() == 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Tracked>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Tracked>>> {
         // A panicking connection thread must not take shutdown down with it.
         self.conns.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -468,7 +473,7 @@ impl Tracker {
     /// Close the reading side of every idle connection: its thread sees end-of-file,
     /// answers what already arrived and exits.
     pub fn close_idle(&self) {
-        for t in self.lock().iter() {
+        for t in self.lock().values() {
             if !t.busy.load(Ordering::SeqCst) {
                 let _ = t.socket.shutdown(std::net::Shutdown::Read);
             }
@@ -477,7 +482,7 @@ impl Tracker {
 
     /// Shut down every connection both ways (the grace period is over).
     pub fn close_all(&self) {
-        for t in self.lock().iter() {
+        for t in self.lock().values() {
             let _ = t.socket.shutdown(std::net::Shutdown::Both);
         }
     }
