@@ -371,3 +371,98 @@ pub struct Expired {
     /// The accept pause is over.
     pub resume_accept: bool,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ServeOptions;
+    use crate::service::{ServiceConfig, ServiceKind};
+    use socket2::{Domain, SockAddr, Type};
+
+    fn ctx(idle: Duration) -> Ctx {
+        let opts = ServeOptions {
+            idle_timeout: idle,
+            ..ServeOptions::default()
+        };
+        Ctx::new(ServiceConfig::new(ServiceKind::Echo), opts).unwrap()
+    }
+
+    fn conn<'a>(ctx: &'a Ctx, now: Instant) -> (Conn<'a>, Socket) {
+        let (a, b) = Socket::pair(Domain::UNIX, Type::STREAM, None).unwrap();
+        a.set_nonblocking(true).unwrap();
+        let peer = SockAddr::unix("/peer").unwrap();
+        (Conn::new(a, ctx.admit(&peer).unwrap(), ctx, now), b)
+    }
+
+    #[test]
+    fn slab_reuses_freed_tokens() {
+        let mut s = Slab::new();
+        let a = s.insert('a');
+        let b = s.insert('b');
+        assert_eq!(s.remove(a), Some('a'));
+        assert_eq!(s.remove(a), None);
+        let c = s.insert('c');
+        assert_eq!(c, a);
+        assert_eq!(s.len(), 2);
+        assert_eq!(s.tokens(), vec![a, b]);
+        assert_eq!(s.get_mut(b), Some(&mut 'b'));
+    }
+
+    #[test]
+    fn idle_deadline_rearms_for_active_connections_and_closes_idle_ones() {
+        let ctx = ctx(Duration::from_secs(10));
+        let t0 = Instant::now();
+        let mut book = Book::new(&ctx);
+        let (busy, _pb) = conn(&ctx, t0);
+        let (idle, _pi) = conn(&ctx, t0);
+        let busy = book.add(busy, t0);
+        let idle = book.add(idle, t0);
+        assert_eq!(ctx.active(), 2);
+        // The busy one moved bytes at t0 + 6 s: only the idle one times out at t0 + 10 s.
+        book.conns.get_mut(busy).unwrap().last_active = t0 + Duration::from_secs(6);
+        book.expire(t0 + Duration::from_secs(10));
+        assert!(book.conns.get_mut(idle).is_none());
+        assert!(book.conns.get_mut(busy).is_some());
+        assert_eq!(ctx.active(), 1, "the closed connection released its slot");
+        // Its deadline was re-armed from its last activity.
+        assert_eq!(
+            book.timeout(t0 + Duration::from_secs(10)),
+            Some(Duration::from_secs(6))
+        );
+        book.expire(t0 + Duration::from_secs(16));
+        assert!(book.conns.is_empty());
+        assert!(book.timers.is_empty());
+    }
+
+    #[test]
+    fn blocked_output_asks_only_for_writability() {
+        let ctx = ctx(Duration::ZERO);
+        let now = Instant::now();
+        let (mut c, peer) = conn(&ctx, now);
+        let mut buf = vec![0u8; 65536];
+        // Fill the peer's receive buffer: the echo of a large input cannot all be sent.
+        let data = vec![7u8; 4 << 20];
+        let writer = std::thread::spawn(move || {
+            let mut p = &peer;
+            let _ = std::io::Write::write_all(&mut p, &data);
+            peer
+        });
+        let mut blocked = false;
+        for _ in 0..1000 {
+            c.set_readable(false);
+            match c.drive(&mut buf, true, now) {
+                Step::Keep(i) if i.write => {
+                    assert!(!i.read, "a blocked connection must not ask for input");
+                    blocked = true;
+                    break;
+                }
+                Step::Keep(_) => std::thread::sleep(Duration::from_millis(1)),
+                Step::Close(e) => panic!("closed: {e:?}"),
+            }
+        }
+        assert!(blocked);
+        assert!(!c.idle());
+        drop(c);
+        drop(writer.join().unwrap());
+    }
+}
