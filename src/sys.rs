@@ -44,6 +44,21 @@ pub fn fork() -> io::Result<Fork> {
     }
 }
 
+/// In a freshly forked child: ask the kernel to send SIGTERM to this process when its parent
+/// dies, so that workers never outlive a server that was killed (SIGKILL cannot be caught
+/// to stop them). If the parent is already gone (it died between `fork` and this call), the
+/// child exits at once.
+///
+/// # Errors
+/// `prctl`'s errno.
+pub fn die_with_parent(parent: nix::unistd::Pid) -> io::Result<()> {
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)?;
+    if nix::unistd::getppid() != parent {
+        std::process::exit(0);
+    }
+    Ok(())
+}
+
 /// Install `handler` for `signal` with `flags` (an empty mask while it runs).
 ///
 /// # Errors

@@ -440,3 +440,31 @@ fn request_with_fin_in_one_burst_is_answered_and_closed() {
         assert!(srv.stop().0.success());
     }
 }
+
+/// A process server killed outright (SIGKILL, no chance to clean up) takes its workers and
+/// children with it: nothing is left accepting on the port.
+#[test]
+fn workers_die_with_a_killed_parent() {
+    for model in ["prefork", "fork"] {
+        let mut srv = Server::tcp("reverse", model, &[]);
+        let mut conn = srv.connect();
+        assert_eq!(reverse(&mut conn, b"hi"), b"ih");
+        let kids: Vec<u32> = children_of(srv.pid()).into_iter().map(|c| c.0).collect();
+        assert!(!kids.is_empty(), "{model}: no worker or child process seen");
+        srv.child.kill().unwrap();
+        srv.child.wait().unwrap();
+        for k in kids {
+            let gone = eventually(Duration::from_secs(5), || {
+                std::fs::read_to_string(format!("/proc/{k}/stat")).map_or(true, |s| {
+                    s.rsplit_once(')')
+                        .is_some_and(|r| r.1.trim_start().starts_with('Z'))
+                })
+            });
+            assert!(gone, "{model}: process {k} outlived its killed parent");
+        }
+        assert!(
+            closed_by_peer(&mut conn),
+            "{model}: connection still served"
+        );
+    }
+}

@@ -44,8 +44,9 @@ pub fn run(listener: Listener, ctx: &Ctx, signals: &mut Signals) -> io::Result<(
             Ok(Accepted::Signal) => {}
             Ok(Accepted::Conn(sock, peer)) => {
                 if let Some(slot) = ctx.admit(&peer) {
+                    let parent = nix::unistd::getpid();
                     match sys::fork() {
-                        Ok(Fork::Child) => child(listener, sock, slot, ctx, signals),
+                        Ok(Fork::Child) => child(listener, sock, slot, ctx, signals, parent),
                         Ok(Fork::Parent(pid)) => {
                             // The child counts this connection; the parent releases the
                             // count when it reaps the child.
@@ -66,8 +67,18 @@ pub fn run(listener: Listener, ctx: &Ctx, signals: &mut Signals) -> io::Result<(
 }
 
 /// The child: serve one connection and exit, never returning into the accept loop.
-fn child(listener: Listener, sock: Socket, slot: Slot<'_>, ctx: &Ctx, signals: &mut Signals) -> ! {
+fn child(
+    listener: Listener,
+    sock: Socket,
+    slot: Slot<'_>,
+    ctx: &Ctx,
+    signals: &mut Signals,
+    parent: Pid,
+) -> ! {
     drop(listener); // closes the child's copy; only the parent accepts
+    if let Err(e) = sys::die_with_parent(parent) {
+        tracing::warn!("child: cannot tie its life to the parent's: {e}");
+    }
     if let Err(e) = signals.reinit_in_child() {
         tracing::warn!("child: cannot set up signals: {e}");
     }

@@ -57,12 +57,16 @@ fn spawn_worker(
     signals: &mut Signals,
     children: &mut Children,
 ) -> io::Result<()> {
+    let parent = nix::unistd::getpid();
     match sys::fork()? {
         Fork::Parent(pid) => {
             children.pids.insert(pid);
             Ok(())
         }
         Fork::Child => {
+            if let Err(e) = sys::die_with_parent(parent) {
+                tracing::warn!("worker: cannot tie its life to the parent's: {e}");
+            }
             if let Err(e) = signals.reinit_in_child() {
                 tracing::warn!("worker: cannot set up signals: {e}");
             }
