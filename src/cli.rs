@@ -17,10 +17,17 @@ pub struct Cli {
 
 /// The subcommands.
 #[derive(Debug, Subcommand)]
-pub enum Command {}
+pub enum Command {
+    /// Run the course's socket experiments against the live kernel: `socklab lab --list`,
+    /// `socklab lab backlog`, `socklab lab all [--json]`.
+    Lab(crate::lab::LabArgs),
+}
 
 /// Parse the command line, run, and map the outcome to an exit code.
 pub fn main() -> ExitCode {
-    let _cli = Cli::parse();
-    ExitCode::SUCCESS
+    let cli = Cli::parse();
+    let verbose = cli.verbose;
+    match cli.command {
+        Command::Lab(args) => ExitCode::from(crate::lab::run(&args, verbose)),
+    }
 }

@@ -16,10 +16,12 @@
 //! - [`signals`]: SIGINT/SIGTERM/SIGCHLD turned into flags and a self-pipe wake-up.
 //! - [`sys`]: the few `unsafe` system calls, each with its `SAFETY` note.
 //! - [`client`]: the clients (`cln_rev` and friends).
+//! - [`lab`]: the course's socket experiments against the live kernel.
 #![deny(missing_docs, rust_2018_idioms)]
 
 pub mod cli;
 pub mod client;
+pub mod lab;
 pub mod model;
 pub mod net;
 pub mod output;
