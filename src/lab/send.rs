@@ -238,8 +238,11 @@ pub fn nonblocking_send(tl: &Timeline) -> anyhow::Result<Outcome> {
     tl.log("sender", "fcntl(s, F_SETFL, O_NONBLOCK)", "ok");
     let big = vec![0u8; BIG];
     std::thread::scope(|scope| -> anyhow::Result<Outcome> {
-        let receiver = scope.spawn(|| -> std::io::Result<usize> {
-            std::thread::sleep(Duration::from_millis(200));
+        // The receiver starts reading only once the sender has met EAGAIN.
+        let (go, wait_go) = std::sync::mpsc::channel::<()>();
+        let receiver = scope.spawn(move || -> std::io::Result<usize> {
+            let _ = wait_go.recv_timeout(Duration::from_secs(5));
+            std::thread::sleep(Duration::from_millis(50));
             tl.log("receiver", "starts reading", "");
             let (n, calls) = scene::drain(&conn, 1 << 20)?;
             tl.log(
@@ -271,6 +274,7 @@ pub fn nonblocking_send(tl: &Timeline) -> anyhow::Result<Outcome> {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     if calls == 2 {
                         second_eagain = true;
+                        let _ = go.send(());
                     }
                     eagains += 1;
                     polls += 1;
