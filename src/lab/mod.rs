@@ -14,18 +14,29 @@ use serde::Serialize;
 use std::io::{IsTerminal, Write};
 use std::time::Instant;
 
+// `unsafe` lives in `sys`; the modules that fork (`send`, `process`) call `sys::fork_child`
+// with a SAFETY note; every other module is denied `unsafe` outright.
+#[deny(unsafe_code)]
 pub mod diag;
+#[deny(unsafe_code)]
 pub mod scene;
 pub mod sys;
+#[deny(unsafe_code)]
 pub mod timeline;
 
+#[deny(unsafe_code)]
 mod close;
+#[deny(unsafe_code)]
 mod connect;
+#[deny(unsafe_code)]
 mod dgram;
+#[deny(unsafe_code)]
 mod ipc;
 mod process;
 mod send;
+#[deny(unsafe_code)]
 mod stream;
+#[deny(unsafe_code)]
 mod write;
 
 pub use timeline::{render, Event, Timeline};

@@ -12,7 +12,7 @@ use super::{Outcome, Timeline};
 use nix::errno::Errno;
 use nix::sys::signal::{kill, Signal};
 use nix::sys::socket::{recv, MsgFlags};
-use nix::sys::wait::{waitpid, WaitStatus};
+use nix::sys::wait::WaitStatus;
 use nix::unistd::{alarm, getpid, getppid, pipe, read, write};
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd};
@@ -73,7 +73,7 @@ pub fn fork_shared_socket(tl: &Timeline) -> anyhow::Result<Outcome> {
     let still = state(tl, "server side of the connection", addr, Some(peer));
     let w = write(&go_w, b"x");
     tl.bytes("P1", "tell P2 to exit", &w);
-    let st = waitpid(child, None);
+    let st = scene::reap(child, Duration::from_secs(5));
     tl.call("P2", "close(conn); _exit(0)", &st, |s| format!("{s:?}"));
     client.set_read_timeout(Some(Duration::from_secs(2)))?;
     let r2 = client.read(&mut buf);
@@ -134,10 +134,11 @@ pub fn signal_interrupts_recv(tl: &Timeline) -> anyhow::Result<Outcome> {
     if second_started {
         let due = at(page.load(8)) + Duration::from_millis(1500);
         std::thread::sleep(due.saturating_sub(tl.elapsed()));
-        let r = conn.write(b"tarde");
-        tl.bytes("server", "send(conn, \"tarde\", 5)", &r);
     }
-    let st = waitpid(child, None);
+    // Sent in any case, so a child stuck in a restarted recv gets out.
+    let r = conn.write(b"tarde");
+    tl.bytes("server", "send(conn, \"tarde\", 5)", &r);
+    let st = scene::reap(child, Duration::from_secs(5));
     tl.call("child", "exit", &st, |s| format!("{s:?}"));
     let mut results = Vec::new();
     for (round, flag) in [(0usize, "no SA_RESTART"), (1, "SA_RESTART")] {
@@ -260,7 +261,7 @@ pub fn shared_memory_signal(tl: &Timeline) -> anyhow::Result<Outcome> {
     tl.log("parent", "sprintf(shmem, ...)", format!("\"{message}\""));
     let k = kill(child, Signal::SIGUSR1);
     tl.unit("parent", "kill(child, SIGUSR1)", &k);
-    let st = waitpid(child, None);
+    let st = scene::reap(child, Duration::from_secs(5));
     tl.call("parent", "wait()", &st, |s| format!("{s:?}"));
     let stamps = [
         page.load(T_WAITING),

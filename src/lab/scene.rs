@@ -3,6 +3,9 @@
 
 use super::diag::{self, TcpSock, TcpState};
 use super::timeline::Timeline;
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -117,6 +120,28 @@ pub fn wait_recv_q(local: SocketAddr, peer: Option<SocketAddr>, n: u32) -> bool 
         Duration::from_secs(3),
         || matches!(diag::find(local, peer), Ok(Some(s)) if s.recv_q >= n),
     )
+}
+
+/// Wait for a child process to end; after `timeout`, kill it (SIGKILL) so an experiment whose
+/// child got stuck still ends, and report how it ended.
+///
+/// # Errors
+///
+/// The `waitpid` error.
+pub fn reap(child: Pid, timeout: Duration) -> nix::Result<WaitStatus> {
+    let end = Instant::now() + timeout;
+    loop {
+        match waitpid(child, Some(WaitPidFlag::WNOHANG))? {
+            WaitStatus::StillAlive if Instant::now() < end => {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            WaitStatus::StillAlive => {
+                let _ = kill(child, Signal::SIGKILL);
+                return waitpid(child, None);
+            }
+            done => return Ok(done),
+        }
+    }
 }
 
 /// Bytes as space-separated hex pairs.

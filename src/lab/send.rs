@@ -8,7 +8,7 @@ use super::{Outcome, Timeline};
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::Signal;
-use nix::sys::wait::{waitpid, WaitStatus};
+use nix::sys::wait::WaitStatus;
 use std::io::Write;
 use std::net::TcpStream;
 use std::os::fd::{AsFd, AsRawFd};
@@ -143,8 +143,7 @@ pub fn big_send_peer_dies(tl: &Timeline) -> anyhow::Result<Outcome> {
     let client = scene::connect(tl, "sender", addr)?;
     let (conn, _) = listener.accept()?;
     tl.log("server", "accept(s)", "ok");
-    let start = tl.start();
-    // SAFETY: the child only calls read (into a stack buffer), clock_gettime and _exit.
+    // SAFETY: the child only calls read (into a stack buffer), then returns to _exit.
     let child = unsafe {
         sys::fork_child(&[conn.as_raw_fd()], || {
             let mut buf = [0u8; 65536];
@@ -164,11 +163,10 @@ pub fn big_send_peer_dies(tl: &Timeline) -> anyhow::Result<Outcome> {
         "fork(): receiver child reads 1 MB, then exits",
         format!("child pid {child}"),
     );
-    let _ = start;
     let big = vec![0u8; BIG];
     let r1 = nix::unistd::write(&client, &big);
     tl.bytes("sender", "write(s, buf, 50000000)", &r1);
-    let status = waitpid(child, None);
+    let status = scene::reap(child, Duration::from_secs(5));
     tl.call("server", "waitpid(receiver)", &status, |s| format!("{s:?}"));
     let r2 = nix::unistd::write(&client, &big[..1024]);
     tl.bytes("sender", "write(s, buf, 1024)", &r2);
@@ -201,7 +199,7 @@ pub fn big_send_peer_dies(tl: &Timeline) -> anyhow::Result<Outcome> {
         "signal(SIGPIPE, SIG_DFL); write(s) x3",
         format!("pid {child2}"),
     );
-    let st2 = waitpid(child2, None);
+    let st2 = scene::reap(child2, Duration::from_secs(5));
     tl.call("sender", "waitpid(child)", &st2, |s| format!("{s:?}"));
     let child_killed = matches!(st2, Ok(WaitStatus::Signaled(_, Signal::SIGPIPE, _)));
 
