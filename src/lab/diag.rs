@@ -393,6 +393,41 @@ mod tests {
         assert!(decode(&buf[..10]).is_err());
     }
 
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600)) {
+            let _ = decode(&bytes);
+        }
+
+        #[test]
+        fn garbage_after_a_valid_answer_never_mislabels_the_socket(tail in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
+            let mut buf = bytes(&[response(8, 80, 9000, 0, 0)]);
+            buf.extend(tail);
+            if let Ok(d) = decode(&buf) {
+                proptest::prop_assert_eq!(d.socks[0].state, TcpState::CloseWait);
+            }
+        }
+    }
+
+    #[test]
+    fn the_live_kernel_reports_a_listener_and_a_connection_with_counters() {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut client = std::net::TcpStream::connect(addr).unwrap();
+        let (mut conn, peer) = listener.accept().unwrap();
+        client.write_all(b"ping").unwrap();
+        conn.read_exact(&mut [0u8; 4]).unwrap();
+        let l = find(addr, None).unwrap().expect("the listener is listed");
+        assert_eq!(l.state, TcpState::Listen);
+        let c = find_with(peer, Some(addr), true)
+            .unwrap()
+            .expect("the client is listed");
+        assert_eq!(c.state, TcpState::Established);
+        assert!(c.counters.expect("tcp_info asked for").data_segs_out >= 1);
+        drop(client);
+    }
+
     #[test]
     fn state_names_follow_the_kernel_numbers() {
         let names: Vec<String> = (1..=12).map(|n| TcpState::from_kernel(n).name()).collect();
