@@ -30,6 +30,9 @@ pub enum Command {
     ///
     /// Example: `socklab client reverse 127.0.0.1:7000 notes.txt`
     Client(ClientArgs),
+    /// Run the course's socket experiments against the live kernel: `socklab lab --list`,
+    /// `socklab lab backlog`, `socklab lab all [--json]`.
+    Lab(crate::lab::LabArgs),
 }
 
 fn init_logging(verbose: u8) {
@@ -61,6 +64,9 @@ pub fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Serve(args) => crate::server::run(args),
         Command::Client(args) => crate::client::run(args),
+        // The lab has its own exit codes: 0 as the course says, 1 the kernel differed,
+        // 2 the experiment could not run.
+        Command::Lab(args) => return ExitCode::from(crate::lab::run(args, cli.verbose)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

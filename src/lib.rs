@@ -18,10 +18,12 @@
 //! - [`server`]: `socklab serve`: endpoint, signals, model dispatch, the datagram loop.
 //! - [`client`]: the clients (`cln_rev` and friends).
 //! - [`units`]: durations and sizes on the command line.
+//! - [`lab`]: the course's socket experiments against the live kernel.
 #![deny(missing_docs, rust_2018_idioms)]
 
 pub mod cli;
 pub mod client;
+pub mod lab;
 pub mod model;
 pub mod net;
 pub mod output;

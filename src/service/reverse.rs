@@ -283,7 +283,7 @@ mod tests {
             chunk in 1usize..97,
         ) {
             let mut input = Vec::new();
-            let mut want = Vec::new();
+            let mut want: Vec<u8> = Vec::new();
             for r in &reqs {
                 input.extend(encode_request(r));
                 want.extend(r.iter().rev());
