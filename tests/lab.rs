@@ -369,7 +369,9 @@ fn signal_interrupts_recv() {
 #[test]
 fn shared_memory_signal() {
     let run = Run::of("shared-memory-signal");
-    assert!(run.result("parent", "read shmem").starts_with("\"Got it ["));
+    assert!(run
+        .result("parent", "read the shared page")
+        .starts_with("\"child of "));
     assert!(run.conclusion().contains("woke on SIGUSR1"));
 }
 

@@ -243,11 +243,11 @@ pub fn shared_memory_signal(tl: &Timeline) -> anyhow::Result<Outcome> {
             let n = page.read_into(MESSAGE, &mut seen);
             page.write_text(SEEN, TEXT_WORDS, &seen[..n]);
             let mut reply = [0u8; 64];
-            let head = b"Got it [";
+            let head = b"child of ";
             reply[..head.len()].copy_from_slice(head);
             let mut len = head.len();
             len += put_decimal(getppid().as_raw() as u64, &mut reply[len..]);
-            let tail = b"] -- exiting";
+            let tail = b" read the page; exiting";
             reply[len..len + tail.len()].copy_from_slice(tail);
             len += tail.len();
             page.write_text(REPLY, TEXT_WORDS, &reply[..len]);
@@ -256,9 +256,13 @@ pub fn shared_memory_signal(tl: &Timeline) -> anyhow::Result<Outcome> {
         })
     }?;
     tl.log("parent", "fork()", format!("child pid {child}"));
-    let message = format!("Parent {} sending message to child {child}", getpid());
+    let message = format!("note from parent {} to child {child}", getpid());
     page.write_text(MESSAGE, TEXT_WORDS, message.as_bytes());
-    tl.log("parent", "sprintf(shmem, ...)", format!("\"{message}\""));
+    tl.log(
+        "parent",
+        "write into the shared page",
+        format!("\"{message}\""),
+    );
     let k = kill(child, Signal::SIGUSR1);
     tl.unit("parent", "kill(child, SIGUSR1)", &k);
     let st = scene::reap(child, Duration::from_secs(5));
@@ -282,7 +286,7 @@ pub fn shared_memory_signal(tl: &Timeline) -> anyhow::Result<Outcome> {
         tl.record_at(
             at(stamps[1]),
             "child",
-            "SIGUSR1 handler ran; read shmem",
+            "SIGUSR1 handler ran; read the shared page",
             format!("\"{seen}\""),
         );
     }
@@ -290,12 +294,12 @@ pub fn shared_memory_signal(tl: &Timeline) -> anyhow::Result<Outcome> {
         tl.record_at(
             at(stamps[2]),
             "child",
-            "sprintf(shmem, ...)",
+            "write into the shared page",
             format!("\"{reply}\""),
         );
     }
-    tl.log("parent", "read shmem", format!("\"{reply}\""));
-    let expected = format!("Got it [{}] -- exiting", getpid());
+    tl.log("parent", "read the shared page", format!("\"{reply}\""));
+    let expected = format!("child of {} read the page; exiting", getpid());
     let ok = seen == message && reply == expected && matches!(st, Ok(WaitStatus::Exited(_, 0)));
     Ok(Outcome::new(
         ok,

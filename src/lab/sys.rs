@@ -252,8 +252,8 @@ mod tests {
     #[test]
     fn shared_page_round_trips_text() {
         let page = SharedPage::new().unwrap();
-        page.write_text(10, 4, b"Parent 12 sending message");
-        assert_eq!(page.read_text(10), "Parent 12 sending message");
+        page.write_text(10, 4, b"note from parent 12");
+        assert_eq!(page.read_text(10), "note from parent 12");
         page.write_text(10, 1, b"too long for one word");
         assert_eq!(page.read_text(10), "too long");
     }
