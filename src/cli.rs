@@ -33,6 +33,10 @@ pub enum Command {
     /// Run the course's socket experiments against the live kernel: `socklab lab --list`,
     /// `socklab lab backlog`, `socklab lab all [--json]`.
     Lab(crate::lab::LabArgs),
+    /// Drive a server with load, or compare every server design side by side.
+    ///
+    /// Example: `socklab bench --compare --quick`, `socklab bench 127.0.0.1:7000 -c 64 -d 10s`
+    Bench(crate::bench::BenchArgs),
 }
 
 fn init_logging(verbose: u8) {
@@ -64,6 +68,7 @@ pub fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Serve(args) => crate::server::run(args),
         Command::Client(args) => crate::client::run(args),
+        Command::Bench(args) => crate::bench::run(args),
         // The lab has its own exit codes: 0 as the course says, 1 the kernel differed,
         // 2 the experiment could not run.
         Command::Lab(args) => return ExitCode::from(crate::lab::run(args, cli.verbose)),

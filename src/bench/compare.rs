@@ -1,0 +1,404 @@
+//! `socklab bench --compare`: every server design under the same load, side by side.
+//!
+//! For each model a `socklab serve` process is started on `127.0.0.1:0` (process-based
+//! models bring their own children), then driven at each concurrency level in turn. For
+//! each model × level: verified req/s, p50/p99 latency, errors, the CPU seconds the server's
+//! whole process tree used during that level (user + system from `/proc/PID/stat`, reaped
+//! children included), and its peak resident memory (the tree's `VmRSS` sampled every
+//! 50 ms).
+
+use crate::bench::gen::{self, LoadSpec, Stop};
+use crate::bench::proto::BenchService;
+use crate::bench::{chart, BenchArgs};
+use crate::client::UsageError;
+use crate::model::ModelKind;
+use anyhow::{bail, Context as _};
+use socket2::SockAddr;
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, IsTerminal};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Which comparison to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scenario {
+    /// Persistent connections at several concurrency levels.
+    Levels,
+    /// Stevens' UNP ch. 30 setup: a connection per request, 4,000-byte answers.
+    Stevens,
+    /// 16 active connections beside 0, 1,000 and 5,000 idle ones: poll vs epoll vs reactors.
+    C10k,
+}
+
+/// One model at one level.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Point {
+    /// The server design.
+    pub model: String,
+    /// Active connections.
+    pub connections: usize,
+    /// Idle connections held open beside them.
+    pub idle: usize,
+    /// Verified requests per second.
+    pub req_per_s: f64,
+    /// Median latency, microseconds.
+    pub p50_us: u64,
+    /// 99th percentile latency, microseconds.
+    pub p99_us: u64,
+    /// Failed requests (all kinds).
+    pub errors: u64,
+    /// Server CPU seconds (user + system, all its processes) during this level.
+    pub cpu_s: f64,
+    /// Server CPU seconds per 1,000 verified requests.
+    pub cpu_ms_per_kreq: f64,
+    /// Peak resident memory of the server's processes, MiB.
+    pub rss_mib: f64,
+}
+
+/// The whole comparison, as `--json` prints it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Comparison {
+    /// Which scenario.
+    pub scenario: Scenario,
+    /// The protocol.
+    pub service: BenchService,
+    /// Payload bytes per request.
+    pub size: usize,
+    /// Seconds per point.
+    pub seconds_per_point: f64,
+    /// Whether each request had its own connection.
+    pub connect_per_request: bool,
+    /// Generator threads.
+    pub threads: usize,
+    /// Cores on this machine (the generator and the servers share them).
+    pub cores: usize,
+    /// Every model × level.
+    pub points: Vec<Point>,
+}
+
+/// Run the comparison described by `args`.
+///
+/// # Errors
+/// A server that cannot start, or a generator failure.
+pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    let scenario = args.scenario;
+    let mut models = if args.models.is_empty() {
+        match scenario {
+            Scenario::C10k => vec![ModelKind::Poll, ModelKind::Epoll, ModelKind::Reactors],
+            _ => ModelKind::ALL.to_vec(),
+        }
+    } else {
+        args.models.clone()
+    };
+    models.dedup();
+    let (service, size, cpr) = match scenario {
+        Scenario::Stevens => (BenchService::Reverse, 4000, true),
+        _ => (args.service, args.size, args.connect_per_request),
+    };
+    // (active connections, idle connections) per point.
+    let levels: Vec<(usize, usize)> = match scenario {
+        Scenario::C10k => {
+            let idle = if args.levels.is_empty() {
+                if args.quick {
+                    vec![0, 1000]
+                } else {
+                    vec![0, 1000, 5000]
+                }
+            } else {
+                args.levels.clone()
+            };
+            idle.into_iter().map(|i| (16, i)).collect()
+        }
+        _ => {
+            let l = if !args.levels.is_empty() {
+                args.levels.clone()
+            } else if args.quick {
+                vec![1, 16, 128]
+            } else {
+                vec![1, 16, 128, 1024]
+            };
+            l.into_iter().map(|c| (c, 0)).collect()
+        }
+    };
+    if levels.iter().any(|l| l.0 == 0) {
+        bail!(UsageError(
+            "--levels must be at least 1 connection each".into()
+        ));
+    }
+    let seconds = if args.quick {
+        Duration::from_secs(1)
+    } else {
+        args.duration.min(Duration::from_secs(60))
+    };
+    let threads = args.threads.unwrap_or_else(crate::server::cores).max(1);
+    if service == BenchService::Http && args.root.is_none() {
+        bail!(UsageError(
+            "--compare --service http needs --root DIR for the servers".into()
+        ));
+    }
+    let tty = std::io::stderr().is_terminal();
+    let mut points = Vec::new();
+    for (mi, &model) in models.iter().enumerate() {
+        let server = Server::start(model, service, args)?;
+        for &(conns, idle) in &levels {
+            if tty {
+                eprint!(
+                    "\r[{}/{}] {model:<9} {conns:>5} connections {idle:>5} idle ...   ",
+                    mi + 1,
+                    models.len()
+                );
+            }
+            let spec = LoadSpec {
+                target: server.addr.clone(),
+                host: "127.0.0.1".into(),
+                service,
+                connections: conns,
+                threads,
+                size,
+                path: args.path.clone(),
+                stop: Stop::After(seconds),
+                rate: None,
+                connect_per_request: cpr,
+                idle,
+                // Designs with a fixed number of workers cannot serve more clients at once:
+                // the rest time out (and show up as errors) rather than stall the run.
+                timeout: args.timeout.min(Duration::from_secs(2)),
+            };
+            let cpu0 = server.cpu_seconds();
+            let peak = AtomicU64::new(0);
+            let stop = AtomicBool::new(false);
+            let outcome = std::thread::scope(|scope| {
+                scope.spawn(|| {
+                    while !stop.load(Ordering::SeqCst) {
+                        peak.fetch_max(server.rss_kib(), Ordering::SeqCst);
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                });
+                let r = gen::run(&spec, &gen::Live::default());
+                stop.store(true, Ordering::SeqCst);
+                r
+            })
+            .with_context(|| format!("driving the {model} server"))?;
+            let cpu = server.cpu_seconds() - cpu0;
+            let secs = outcome.elapsed.as_secs_f64().max(1e-9);
+            let h = &outcome.latency;
+            let q = |p| {
+                if h.is_empty() {
+                    0
+                } else {
+                    h.value_at_quantile(p)
+                }
+            };
+            points.push(Point {
+                model: model.name().to_string(),
+                connections: conns,
+                idle,
+                req_per_s: outcome.ok as f64 / secs,
+                p50_us: q(0.5),
+                p99_us: q(0.99),
+                errors: outcome.errors.total(),
+                cpu_s: cpu,
+                cpu_ms_per_kreq: if outcome.ok > 0 {
+                    cpu * 1e6 / outcome.ok as f64
+                } else {
+                    0.0
+                },
+                rss_mib: peak.load(Ordering::SeqCst) as f64 / 1024.0,
+            });
+        }
+        server.stop();
+    }
+    if tty {
+        eprint!("\r{:70}\r", "");
+    }
+    let comparison = Comparison {
+        scenario,
+        service,
+        size,
+        seconds_per_point: seconds.as_secs_f64(),
+        connect_per_request: cpr,
+        threads,
+        cores: crate::server::cores(),
+        points,
+    };
+    let svg = chart::render(&comparison);
+    std::fs::write(&args.chart, svg)
+        .with_context(|| format!("writing {}", args.chart.display()))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&comparison)?);
+    } else {
+        print!("{}", table(&comparison));
+        println!("chart: {}", args.chart.display());
+    }
+    Ok(())
+}
+
+/// The comparison as a text table.
+pub fn table(c: &Comparison) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let what = match c.scenario {
+        Scenario::Levels => format!("{} {} B", c.service, c.size),
+        Scenario::Stevens => format!("{} {} B, a connection per request", c.service, c.size),
+        Scenario::C10k => format!(
+            "{} {} B, 16 active connections beside idle ones",
+            c.service, c.size
+        ),
+    };
+    let _ = writeln!(
+        s,
+        "{what}; {:.0} s per point; generator: {} threads; {} cores shared by generator and server",
+        c.seconds_per_point, c.threads, c.cores
+    );
+    let _ = writeln!(
+        s,
+        "{:<10} {:>6} {:>6} {:>11} {:>10} {:>10} {:>8} {:>8} {:>9} {:>8}",
+        "model", "conns", "idle", "req/s", "p50", "p99", "errors", "cpu s", "ms/kreq", "rss MiB"
+    );
+    for p in &c.points {
+        let _ = writeln!(
+            s,
+            "{:<10} {:>6} {:>6} {:>11.0} {:>10} {:>10} {:>8} {:>8.2} {:>9.3} {:>8.1}",
+            p.model,
+            p.connections,
+            p.idle,
+            p.req_per_s,
+            crate::bench::report::us(p.p50_us),
+            crate::bench::report::us(p.p99_us),
+            p.errors,
+            p.cpu_s,
+            p.cpu_ms_per_kreq,
+            p.rss_mib
+        );
+    }
+    s
+}
+
+/// A `socklab serve` child process under test.
+struct Server {
+    child: Child,
+    addr: SockAddr,
+}
+
+impl Server {
+    fn start(model: ModelKind, service: BenchService, args: &BenchArgs) -> anyhow::Result<Server> {
+        let exe = std::env::current_exe().context("finding the socklab executable")?;
+        let mut cmd = Command::new(exe);
+        cmd.args(["serve", &service.to_string(), "--model", model.name()])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--grace",
+                "1s",
+                "--backlog",
+                "4096",
+            ]);
+        if let Some(w) = args.workers {
+            cmd.args(["--workers", &w.to_string()]);
+        }
+        if let Some(root) = &args.root {
+            cmd.arg("--root").arg(root);
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting socklab serve")?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("piped"))
+            .read_line(&mut line)
+            .context("reading the server's address")?;
+        let addr: std::net::SocketAddr = line
+            .trim()
+            .parse()
+            .with_context(|| format!("the {model} server did not start (said {line:?})"))?;
+        Ok(Server {
+            child,
+            addr: addr.into(),
+        })
+    }
+
+    /// The server and all its descendants.
+    fn tree(&self) -> Vec<u32> {
+        let root = self.child.id();
+        let mut parents: HashMap<u32, Vec<u32>> = HashMap::new();
+        if let Ok(dir) = std::fs::read_dir("/proc") {
+            for e in dir.flatten() {
+                let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                    continue;
+                };
+                if let Some(f) = stat_fields(pid) {
+                    if let Some(ppid) = f.get(1).and_then(|p| p.parse::<u32>().ok()) {
+                        parents.entry(ppid).or_default().push(pid);
+                    }
+                }
+            }
+        }
+        let mut out = vec![root];
+        let mut i = 0;
+        while i < out.len() {
+            if let Some(kids) = parents.get(&out[i]) {
+                out.extend(kids);
+            }
+            i += 1;
+        }
+        out
+    }
+
+    /// CPU seconds used so far by the tree (reaped children included through the parents'
+    /// `cutime`/`cstime`).
+    fn cpu_seconds(&self) -> f64 {
+        let tck = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .ok()
+            .flatten()
+            .unwrap_or(100) as f64;
+        self.tree()
+            .into_iter()
+            .filter_map(stat_fields)
+            .map(|f| {
+                (11..15)
+                    .filter_map(|i| f.get(i)?.parse::<u64>().ok())
+                    .sum::<u64>()
+            })
+            .sum::<u64>() as f64
+            / tck
+    }
+
+    /// Resident memory of the tree, KiB.
+    fn rss_kib(&self) -> u64 {
+        self.tree()
+            .into_iter()
+            .filter_map(|p| {
+                let s = std::fs::read_to_string(format!("/proc/{p}/status")).ok()?;
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            })
+            .sum()
+    }
+
+    fn stop(mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The fields of `/proc/PID/stat` after the command name: state, ppid, ... (utime is index
+/// 11, stime 12, cutime 13, cstime 14).
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    Some(rest.split_whitespace().map(str::to_string).collect())
+}
