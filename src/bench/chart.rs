@@ -49,30 +49,26 @@ pub fn render(c: &Comparison) -> String {
             models.push(&p.model);
         }
     }
-    let series =
-        |f: &dyn Fn(&crate::bench::compare::Point) -> f64| -> Vec<(String, Vec<(usize, f64)>)> {
-            models
-                .iter()
-                .map(|m| {
-                    let pts = c
-                        .points
-                        .iter()
-                        .filter(|p| p.model == *m)
-                        .map(|p| {
-                            (
-                                xs.iter()
-                                    .position(|&x| {
-                                        x == if by_idle { p.idle } else { p.connections }
-                                    })
-                                    .unwrap_or(0),
-                                f(p),
-                            )
-                        })
-                        .collect();
-                    (m.to_string(), pts)
-                })
-                .collect()
-        };
+    // Each point: (x position, value, whether some connections starved).
+    type Series = Vec<(String, Vec<(usize, f64, bool)>)>;
+    let series = |f: &dyn Fn(&crate::bench::compare::Point) -> f64| -> Series {
+        models
+            .iter()
+            .map(|m| {
+                let pts = c
+                    .points
+                    .iter()
+                    .filter(|p| p.model == *m)
+                    .map(|p| {
+                        let x = if by_idle { p.idle } else { p.connections };
+                        let pos = xs.iter().position(|&v| v == x).unwrap_or(0);
+                        (pos, f(p), p.starved > 0)
+                    })
+                    .collect();
+                (m.to_string(), pts)
+            })
+            .collect()
+    };
     let throughput = series(&|p| p.req_per_s);
     let p99 = series(&|p| p.p99_us as f64 / 1000.0);
     let mut svg = String::new();
@@ -134,6 +130,13 @@ pub fn render(c: &Comparison) -> String {
             esc(m)
         );
     }
+    if c.points.iter().any(|p| p.starved > 0) {
+        let _ = write!(
+            svg,
+            r#"<text x="60" y="{}" font-size="11">hollow point: some connections got no answer at all (the design serves fewer clients at once); its latency covers only the clients it served</text>"#,
+            H - 18.0
+        );
+    }
     svg.push_str("</svg>\n");
     svg
 }
@@ -144,7 +147,7 @@ fn panel(
     title: &str,
     xlabel: &str,
     xs: &[usize],
-    series: &[(String, Vec<(usize, f64)>)],
+    series: &[(String, Vec<(usize, f64, bool)>)],
     log: bool,
 ) {
     let max = series
@@ -233,17 +236,18 @@ fn panel(
         let color = COLORS[si % COLORS.len()];
         let path: Vec<String> = pts
             .iter()
-            .map(|&(i, v)| format!("{:.1},{:.1}", x_of(i), y_of(v)))
+            .map(|&(i, v, _)| format!("{:.1},{:.1}", x_of(i), y_of(v)))
             .collect();
         let _ = write!(
             svg,
             r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"/>"#,
             path.join(" ")
         );
-        for &(i, v) in pts {
+        for &(i, v, starved) in pts {
+            let fill = if starved { "white" } else { color };
             let _ = write!(
                 svg,
-                r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{color}"/>"#,
+                r#"<circle cx="{:.1}" cy="{:.1}" r="3.5" fill="{fill}" stroke="{color}" stroke-width="1.5"/>"#,
                 x_of(i),
                 y_of(v)
             );
@@ -266,6 +270,7 @@ mod tests {
             p50_us: p99 / 2,
             p99_us: p99,
             errors: 0,
+            starved: 0,
             cpu_s: 1.0,
             cpu_ms_per_kreq: 0.1,
             rss_mib: 3.0,

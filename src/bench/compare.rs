@@ -49,6 +49,8 @@ pub struct Point {
     pub p99_us: u64,
     /// Failed requests (all kinds).
     pub errors: u64,
+    /// Active connections that got no answer at all (the design served fewer at once).
+    pub starved: u64,
     /// Server CPU seconds (user + system, all its processes) during this level.
     pub cpu_s: f64,
     /// Server CPU seconds per 1,000 verified requests.
@@ -199,6 +201,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 p50_us: q(0.5),
                 p99_us: q(0.99),
                 errors: outcome.errors.total(),
+                starved: outcome.starved,
                 cpu_s: cpu,
                 cpu_ms_per_kreq: if outcome.ok > 0 {
                     cpu * 1e6 / outcome.ok as f64
@@ -254,13 +257,23 @@ pub fn table(c: &Comparison) -> String {
     );
     let _ = writeln!(
         s,
-        "{:<10} {:>6} {:>6} {:>11} {:>10} {:>10} {:>8} {:>8} {:>9} {:>8}",
-        "model", "conns", "idle", "req/s", "p50", "p99", "errors", "cpu s", "ms/kreq", "rss MiB"
+        "{:<10} {:>6} {:>6} {:>11} {:>10} {:>10} {:>7} {:>8} {:>8} {:>9} {:>8}",
+        "model",
+        "conns",
+        "idle",
+        "req/s",
+        "p50",
+        "p99",
+        "errors",
+        "starved",
+        "cpu s",
+        "ms/kreq",
+        "rss MiB"
     );
     for p in &c.points {
         let _ = writeln!(
             s,
-            "{:<10} {:>6} {:>6} {:>11.0} {:>10} {:>10} {:>8} {:>8.2} {:>9.3} {:>8.1}",
+            "{:<10} {:>6} {:>6} {:>11.0} {:>10} {:>10} {:>7} {:>8} {:>8.2} {:>9.3} {:>8.1}",
             p.model,
             p.connections,
             p.idle,
@@ -268,6 +281,7 @@ pub fn table(c: &Comparison) -> String {
             crate::bench::report::us(p.p50_us),
             crate::bench::report::us(p.p99_us),
             p.errors,
+            p.starved,
             p.cpu_s,
             p.cpu_ms_per_kreq,
             p.rss_mib

@@ -139,6 +139,11 @@ pub struct Outcome {
     pub elapsed: Duration,
     /// Idle connections that were established.
     pub idle_established: u64,
+    /// Active connections that got no answer at all during the run: a design that serves
+    /// fewer clients at once than it is given leaves the rest waiting (iterative, a pool with
+    /// fewer workers than connections). Their waiting requests count as timeouts only once
+    /// `--timeout` passes, so a short run would otherwise hide them.
+    pub starved: u64,
 }
 
 /// Shared between the generator threads and whoever watches progress.
@@ -207,6 +212,7 @@ pub fn run(spec: &LoadSpec, live: &Live) -> io::Result<Outcome> {
                     .map_err(|e| io::Error::other(e.to_string()))?;
                 t.elapsed = t.elapsed.max(o.elapsed);
                 t.idle_established += o.idle_established;
+                t.starved += o.starved;
             }
         }
     }
@@ -252,6 +258,8 @@ struct Slot {
     deadline: Option<Instant>,
     /// Whether this slot has connected before (so the next connect is a reconnect).
     connected_once: bool,
+    /// Requests this slot had answered.
+    answered: u64,
 }
 
 const IDLE_TOKEN_BASE: u64 = 1 << 62;
@@ -312,6 +320,7 @@ impl<'a> Worker<'a> {
                 started: Instant::now(),
                 deadline: None,
                 connected_once: false,
+                answered: 0,
             })
             .collect();
         let interval = match spec.rate {
@@ -513,6 +522,7 @@ impl<'a> Worker<'a> {
             latency: self.hist,
             elapsed,
             idle_established: self.idle.len() as u64,
+            starved: self.slots.iter().filter(|s| s.answered == 0).count() as u64,
         })
     }
 
@@ -583,7 +593,7 @@ impl<'a> Worker<'a> {
         }
         if self.spec.connect_per_request {
             // The connect is part of the request: latency counts from here.
-            self.slots[i].started = now;
+            self.slots[i].started = Instant::now();
         }
         match s.connect(&self.spec.target) {
             Ok(()) => {
@@ -643,11 +653,15 @@ impl<'a> Worker<'a> {
             let slot = &mut self.slots[i];
             slot.answer = Some(slot.reqs.next_request());
             // Open loop: latency counts from when the request fell due. Closed loop: from
-            // now, or from the connect when every request has its own connection.
-            slot.started = due.unwrap_or(if self.spec.connect_per_request {
-                slot.started
-            } else {
-                now
+            // now (read afresh: `now` is when the event batch began, and an answer read
+            // later in the same batch would seem to take no time), or from the connect
+            // when every request has its own connection.
+            slot.started = due.unwrap_or_else(|| {
+                if self.spec.connect_per_request {
+                    slot.started
+                } else {
+                    Instant::now()
+                }
             });
         }
         let slot = &mut self.slots[i];
@@ -723,11 +737,12 @@ impl<'a> Worker<'a> {
 
     fn complete(&mut self, i: usize, now: Instant, close: bool) {
         let slot = &mut self.slots[i];
-        let us = now
+        let us = Instant::now()
             .saturating_duration_since(slot.started)
             .as_micros()
             .max(1) as u64;
         let _ = self.hist.record(us.min(100_000_000));
+        slot.answered += 1;
         self.ok += 1;
         self.live.ok.fetch_add(1, Ordering::Relaxed);
         slot.answer = None;

@@ -63,6 +63,8 @@ pub struct Report {
     pub errors_total: u64,
     /// Connections opened again after the first (after errors, or per request).
     pub reconnects: u64,
+    /// Active connections that got no answer at all during the run.
+    pub starved: u64,
 }
 
 impl Report {
@@ -105,6 +107,7 @@ impl Report {
             errors: outcome.errors,
             errors_total: outcome.errors.total(),
             reconnects: outcome.reconnects,
+            starved: outcome.starved,
         }
     }
 
@@ -160,6 +163,13 @@ impl Report {
             self.errors_total, e.refused, e.reset, e.timeout, e.short, e.wrong, e.bad_status, e.other
         );
         let _ = writeln!(s, "reconnects  {}", self.reconnects);
+        if self.starved > 0 {
+            let _ = writeln!(
+                s,
+                "starved     {} of {} connections got no answer at all",
+                self.starved, self.connections
+            );
+        }
         s
     }
 }
