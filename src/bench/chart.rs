@@ -8,6 +8,9 @@ const COLORS: [&str; 10] = [
     "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
     "#bcbd22", "#17becf",
 ];
+/// One line per model: its points as (x position, value, whether some connections starved).
+type Series = Vec<(String, Vec<(usize, f64, bool)>)>;
+
 const W: f64 = 1100.0;
 const H: f64 = 460.0;
 const PANEL_W: f64 = 400.0;
@@ -49,8 +52,6 @@ pub fn render(c: &Comparison) -> String {
             models.push(&p.model);
         }
     }
-    // Each point: (x position, value, whether some connections starved).
-    type Series = Vec<(String, Vec<(usize, f64, bool)>)>;
     let series = |f: &dyn Fn(&crate::bench::compare::Point) -> f64| -> Series {
         models
             .iter()
@@ -147,7 +148,7 @@ fn panel(
     title: &str,
     xlabel: &str,
     xs: &[usize],
-    series: &[(String, Vec<(usize, f64, bool)>)],
+    series: &Series,
     log: bool,
 ) {
     let max = series
