@@ -576,6 +576,20 @@ impl<'a> Worker<'a> {
     }
 
     fn connect(&mut self, i: usize, now: Instant) {
+        if self.spec.connect_per_request
+            && self.interval == Duration::ZERO
+            && self.slots[i].answer.is_none()
+        {
+            // Closed loop with a connection per request: the request is born with its
+            // connection, so claim it now -- a connection opened for a request that another
+            // connection then claims would be a connect with nothing to send.
+            if !claim(self.spec, self.live) {
+                self.slots[i].state = State::Finished;
+                return;
+            }
+            let slot = &mut self.slots[i];
+            slot.answer = Some(slot.reqs.next_request());
+        }
         let s = match self.new_socket() {
             Ok(s) => s,
             Err(e) => return self.fail_io(i, &e, now),
@@ -628,9 +642,7 @@ impl<'a> Worker<'a> {
         self.connecting -= 1;
         self.slots[i].state = State::Ready;
         self.set_deadline(i, None);
-        if self.interval == Duration::ZERO
-            || self.spec.connect_per_request && self.slots[i].answer.is_some()
-        {
+        if self.interval == Duration::ZERO {
             self.send_request(i, now, None);
         } else {
             self.ready.push(i);
