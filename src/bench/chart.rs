@@ -31,8 +31,12 @@ fn fmt_num(v: f64) -> String {
         format!("{:.0}k", v / 1e3)
     } else if v >= 10.0 || v == 0.0 {
         format!("{v:.0}")
-    } else {
+    } else if v >= 0.1 {
         format!("{v:.1}")
+    } else if v >= 0.01 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.3}")
     }
 }
 
@@ -301,5 +305,8 @@ mod tests {
         assert_eq!(svg.matches("<polyline").count(), 4, "2 models x 2 panels");
         assert!(svg.contains("a&lt;b") && !svg.contains("a<b"));
         assert!(!svg.contains("NaN") && !svg.contains("inf"));
+        assert_eq!(fmt_num(0.01), "0.01");
+        assert_eq!(fmt_num(0.5), "0.5");
+        assert_eq!(fmt_num(25_000.0), "25k");
     }
 }
