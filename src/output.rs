@@ -6,10 +6,35 @@
 //! [`Flush::Blocked`], and the model waits for writability before calling it again: a large
 //! answer never blocks an event loop. Short writes are resumed where they stopped, `EINTR`
 //! is retried, and every other error is returned.
+//!
+//! Besides bytes, a session can queue a *region of an open file* ([`Outbox::push_file`]): a
+//! 1 GiB file is never read into memory. It is sent with the outbox's [`SendStrategy`], the
+//! three ways of the course's web servers: `read` (read a block into a buffer, `send` it;
+//! the bytes before it leave with `MSG_MORE`), `mmap` (map a window of the file and `writev`
+//! the bytes before it together with the mapping), `sendfile` (the bytes before it with
+//! `MSG_MORE` so they share segments with the file, then `sendfile(2)`, no copy to user space).
 
 use std::collections::VecDeque;
+use std::fs::File;
 use std::io::{self, IoSlice};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::Arc;
+
+/// How a queued file region is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum SendStrategy {
+    /// `pread` a block into a buffer, then `send` it (`srv_web_read_send`).
+    Read,
+    /// `mmap` a window of the file and `writev` it (`srv_web_mmap_writev`).
+    Mmap,
+    /// `sendfile(2)`: the kernel copies from the page cache to the socket (`srv_web_sendfile`).
+    #[default]
+    Sendfile,
+}
+
+/// Bytes of a file handed to one `read`+`send` round or one `mmap` window.
+const FILE_BLOCK: usize = 256 * 1024;
+const MMAP_WINDOW: usize = 4 << 20;
 
 /// Small pushes are appended to the last queued buffer while it is under this size, so that
 /// many small answers leave in one `writev` and cost no allocation each.
@@ -24,6 +49,35 @@ struct Chunk {
     buf: Vec<u8>,
     /// Bytes of `buf` already sent.
     sent: usize,
+    /// A file region instead of bytes (then `buf` is empty).
+    file: Option<FileRegion>,
+}
+
+/// A region of an open file waiting to be sent.
+#[derive(Debug)]
+struct FileRegion {
+    file: Arc<File>,
+    /// Next byte of the file to send.
+    offset: u64,
+    /// Bytes left to send.
+    left: u64,
+}
+
+impl Chunk {
+    fn bytes(buf: Vec<u8>) -> Chunk {
+        Chunk {
+            buf,
+            sent: 0,
+            file: None,
+        }
+    }
+}
+
+fn truncated() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "the file shrank while being sent",
+    )
 }
 
 /// What a flush achieved.
@@ -43,12 +97,42 @@ pub struct Outbox {
     pending: usize,
     /// A drained buffer kept for reuse, so a busy connection allocates once.
     spare: Vec<u8>,
+    /// How file regions are sent.
+    strategy: SendStrategy,
+    /// The `read` strategy's block buffer (allocated on first use).
+    block: Vec<u8>,
 }
 
 impl Outbox {
     /// An empty outbox.
     pub fn new() -> Outbox {
         Outbox::default()
+    }
+
+    /// An empty outbox that sends file regions with `strategy`.
+    pub fn with_strategy(strategy: SendStrategy) -> Outbox {
+        Outbox {
+            strategy,
+            ..Outbox::default()
+        }
+    }
+
+    /// Queue `len` bytes of `file` from `offset`, to be sent without reading the file into
+    /// memory (see [`SendStrategy`]).
+    pub fn push_file(&mut self, file: Arc<File>, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        self.pending += len as usize;
+        self.queue.push_back(Chunk {
+            buf: Vec::new(),
+            sent: 0,
+            file: Some(FileRegion {
+                file,
+                offset,
+                left: len,
+            }),
+        });
     }
 
     /// Bytes queued and not yet sent.
@@ -63,10 +147,10 @@ impl Outbox {
 
     /// The buffer new small output is appended to.
     fn tail(&mut self, room: usize) -> &mut Vec<u8> {
-        let reuse = matches!(self.queue.back(), Some(c) if c.buf.len() + room <= COALESCE);
+        let reuse = matches!(self.queue.back(), Some(c) if c.file.is_none() && c.buf.len() + room <= COALESCE);
         if !reuse {
             let buf = std::mem::take(&mut self.spare);
-            self.queue.push_back(Chunk { buf, sent: 0 });
+            self.queue.push_back(Chunk::bytes(buf));
         }
         &mut self.queue.back_mut().expect("just ensured").buf
     }
@@ -100,7 +184,7 @@ impl Outbox {
             return self.push_bytes(&buf);
         }
         self.pending += buf.len();
-        self.queue.push_back(Chunk { buf, sent: 0 });
+        self.queue.push_back(Chunk::bytes(buf));
     }
 
     /// Drop everything queued (the connection is being closed).
@@ -118,30 +202,123 @@ impl Outbox {
     /// [`io::ErrorKind::TimedOut`].
     pub fn flush(&mut self, sock: &impl AsFd) -> io::Result<Flush> {
         while self.pending > 0 {
-            let n = {
-                let mut slices = [IoSlice::new(&[]); MAX_IOV];
-                let mut count = 0;
-                for (slot, c) in slices.iter_mut().zip(&self.queue) {
-                    *slot = IoSlice::new(&c.buf[c.sent..]);
-                    count += 1;
-                }
-                match nix::sys::uio::writev(sock, &slices[..count]) {
-                    Ok(n) => n,
-                    Err(nix::errno::Errno::EINTR) => continue,
-                    Err(nix::errno::Errno::EAGAIN) => return Ok(Flush::Blocked),
-                    Err(e) => return Err(e.into()),
-                }
+            let front_is_file = self.queue.front().is_some_and(|c| c.file.is_some());
+            let r = if front_is_file {
+                self.send_file(sock)
+            } else {
+                self.send_bytes(sock)
             };
-            self.advance(n);
+            match r {
+                Ok(n) => self.advance(n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flush::Blocked),
+                Err(e) => return Err(e),
+            }
         }
         Ok(Flush::Done)
     }
 
+    /// Send the leading byte chunks in one call. With `mmap`, a file region right behind
+    /// them goes in the same `writev` (its first window mapped); with `read`/`sendfile`, the
+    /// bytes leave with `MSG_MORE` so the kernel holds them to fill segments with the file.
+    fn send_bytes(&mut self, sock: &impl AsFd) -> io::Result<usize> {
+        let mut slices = [IoSlice::new(&[]); MAX_IOV];
+        let mut count = 0;
+        let mut file_next = None;
+        for c in &self.queue {
+            if count == MAX_IOV {
+                break;
+            }
+            if let Some(f) = &c.file {
+                file_next = Some(f);
+                break;
+            }
+            slices[count] = IoSlice::new(&c.buf[c.sent..]);
+            count += 1;
+        }
+        match (file_next, self.strategy) {
+            (None, _) => Ok(nix::sys::uio::writev(sock, &slices[..count])?),
+            (Some(f), SendStrategy::Mmap) => {
+                let window = (f.left as usize).min(MMAP_WINDOW);
+                let map = crate::sys::Mapping::new(&f.file, f.offset, window)?;
+                slices[count.min(MAX_IOV - 1)] = IoSlice::new(map.as_slice());
+                let n = nix::sys::uio::writev(sock, &slices[..count.min(MAX_IOV - 1) + 1])?;
+                Ok(n)
+            }
+            (Some(_), _) => {
+                let flags = nix::sys::socket::MsgFlags::from_bits_retain(libc::MSG_MORE);
+                let fd = sock.as_fd().as_raw_fd();
+                let r = nix::sys::socket::sendmsg::<()>(fd, &slices[..count], &[], flags, None);
+                match r {
+                    // Not a socket (a pipe in tests): plain writev.
+                    Err(nix::errno::Errno::ENOTSOCK) => {
+                        Ok(nix::sys::uio::writev(sock, &slices[..count])?)
+                    }
+                    r => Ok(r?),
+                }
+            }
+        }
+    }
+
+    /// Send (part of) the file region at the front.
+    fn send_file(&mut self, sock: &impl AsFd) -> io::Result<usize> {
+        let f = self
+            .queue
+            .front()
+            .and_then(|c| c.file.as_ref())
+            .expect("front is a file");
+        match self.strategy {
+            SendStrategy::Sendfile => {
+                let mut off = f.offset as libc::off64_t;
+                let count = (f.left as usize).min(1 << 30);
+                let n = nix::sys::sendfile::sendfile64(sock, &*f.file, Some(&mut off), count)?;
+                if n == 0 {
+                    return Err(truncated());
+                }
+                Ok(n)
+            }
+            SendStrategy::Mmap => {
+                let window = (f.left as usize).min(MMAP_WINDOW);
+                let map = crate::sys::Mapping::new(&f.file, f.offset, window)?;
+                Ok(nix::sys::uio::writev(
+                    sock,
+                    &[IoSlice::new(map.as_slice())],
+                )?)
+            }
+            SendStrategy::Read => {
+                let want = (f.left as usize).min(FILE_BLOCK);
+                if self.block.len() < want {
+                    self.block.resize(FILE_BLOCK, 0);
+                }
+                // A partial send re-reads from the new offset next time: `pread` keeps no
+                // state, so nothing read-but-unsent has to be kept.
+                let got = nix::sys::uio::pread(
+                    &*f.file,
+                    &mut self.block[..want],
+                    f.offset as libc::off_t,
+                )?;
+                if got == 0 {
+                    return Err(truncated());
+                }
+                Ok(nix::unistd::write(sock, &self.block[..got])?)
+            }
+        }
+    }
     /// Mark `n` bytes as sent, recycling drained buffers.
     fn advance(&mut self, mut n: usize) {
         self.pending -= n;
         while n > 0 {
             let front = self.queue.front_mut().expect("sent more than queued");
+            if let Some(f) = &mut front.file {
+                let step = (n as u64).min(f.left);
+                f.offset += step;
+                f.left -= step;
+                n -= step as usize;
+                if f.left == 0 {
+                    self.queue.pop_front();
+                }
+                continue;
+            }
             let left = front.buf.len() - front.sent;
             if n < left {
                 front.sent += n;
@@ -160,7 +337,16 @@ impl Outbox {
     pub fn take_bytes(&mut self) -> Vec<u8> {
         let mut all = Vec::with_capacity(self.pending);
         for c in self.queue.drain(..) {
-            all.extend_from_slice(&c.buf[c.sent..]);
+            match c.file {
+                Some(f) => {
+                    let mut b = vec![0u8; f.left as usize];
+                    let n = nix::sys::uio::pread(&*f.file, &mut b, f.offset as libc::off_t)
+                        .unwrap_or(0);
+                    b.truncate(n);
+                    all.extend_from_slice(&b);
+                }
+                None => all.extend_from_slice(&c.buf[c.sent..]),
+            }
         }
         self.pending = 0;
         all
@@ -213,6 +399,65 @@ mod tests {
         assert_eq!(&got[..4], b"head");
         assert_eq!(&got[4..], &data[..]);
         assert!(rounds > 0);
+    }
+
+    #[test]
+    fn file_regions_are_sent_exactly_with_every_strategy() {
+        use std::io::Write;
+        let mut tmp = tempfile::tempfile().unwrap();
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 241) as u8).collect();
+        tmp.write_all(&data).unwrap();
+        let file = Arc::new(tmp);
+        for strategy in [
+            SendStrategy::Read,
+            SendStrategy::Mmap,
+            SendStrategy::Sendfile,
+        ] {
+            let (a, mut b) = UnixStream::pair().unwrap();
+            a.set_nonblocking(true).unwrap();
+            let mut o = Outbox::with_strategy(strategy);
+            o.push_bytes(b"HEAD");
+            o.push_file(file.clone(), 4097, 2_000_000);
+            o.push_bytes(b"TAIL");
+            let reader = std::thread::spawn(move || {
+                let mut got = Vec::new();
+                b.read_to_end(&mut got).unwrap();
+                got
+            });
+            while o.flush(&a).unwrap() == Flush::Blocked {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            drop(a);
+            let got = reader.join().unwrap();
+            assert_eq!(&got[..4], b"HEAD", "{strategy:?}");
+            assert_eq!(
+                &got[4..4 + 2_000_000],
+                &data[4097..4097 + 2_000_000],
+                "{strategy:?}"
+            );
+            assert_eq!(&got[4 + 2_000_000..], b"TAIL", "{strategy:?}");
+        }
+    }
+
+    #[test]
+    fn a_region_past_the_end_of_the_file_is_an_error_not_a_crash() {
+        let file = Arc::new(tempfile::tempfile().unwrap());
+        file.set_len(100).unwrap();
+        for strategy in [
+            SendStrategy::Read,
+            SendStrategy::Mmap,
+            SendStrategy::Sendfile,
+        ] {
+            let (a, _b) = UnixStream::pair().unwrap();
+            let mut o = Outbox::with_strategy(strategy);
+            o.push_file(file.clone(), 50, 1000);
+            let mut result = o.flush(&a);
+            // The first 50 bytes may go out; then the shortfall must be an error.
+            if result.is_ok() {
+                result = o.flush(&a);
+            }
+            assert!(result.is_err(), "{strategy:?}: {result:?}");
+        }
     }
 
     #[test]

@@ -1,8 +1,11 @@
 //! `socklab serve`: open the endpoint, print the bound address, install the signal
 //! handlers, and run the chosen model (or the datagram loop) until SIGINT/SIGTERM.
 
+use crate::client::UsageError;
 use crate::model::{self, Ctx, ModelKind, ServeOptions, Trigger};
 use crate::net::{bind_udp, Endpoint, ListenOptions, Listener};
+use crate::output::SendStrategy;
+use crate::service::http::HttpConfig;
 use crate::service::{ServiceConfig, ServiceKind, DEFAULT_MAX_REQUEST};
 use crate::signals::{self, Signals};
 use crate::units::{parse_duration, parse_size};
@@ -52,6 +55,18 @@ pub struct ServeArgs {
     /// Largest reverse request accepted (a larger declared length closes the connection).
     #[arg(long, value_parser = parse_size, default_value_t = DEFAULT_MAX_REQUEST)]
     pub max_request: usize,
+    /// http: the directory to serve (required for http).
+    #[arg(long)]
+    pub root: Option<PathBuf>,
+    /// http: how file bodies are sent.
+    #[arg(long = "send", value_enum, default_value_t = SendStrategy::Sendfile)]
+    pub send: SendStrategy,
+    /// http: a request head must arrive within this time of its first byte (else 408).
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    pub header_timeout: Duration,
+    /// http: also serve symlinks that point outside the root.
+    #[arg(long)]
+    pub follow_symlinks: bool,
 }
 
 /// Number of cores available to this process.
@@ -71,6 +86,28 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     };
     let mut service = ServiceConfig::new(args.service);
     service.max_request = args.max_request;
+    service.strategy = args.send;
+    if args.service == ServiceKind::Http {
+        if args.udp {
+            return Err(UsageError(
+                "http is served over a stream (TCP or --unix), not --udp".into(),
+            )
+            .into());
+        }
+        let Some(root) = &args.root else {
+            return Err(
+                UsageError("serve http needs --root DIR (the directory to serve)".into()).into(),
+            );
+        };
+        let canonical = std::fs::canonicalize(root)
+            .and_then(|p| std::fs::read_dir(&p).map(|_| p))
+            .map_err(|e| UsageError(format!("cannot serve {}: {e}", root.display())))?;
+        service.http = Some(std::sync::Arc::new(HttpConfig {
+            root: canonical,
+            follow_symlinks: args.follow_symlinks,
+            header_timeout: args.header_timeout,
+        }));
+    }
     let mut signals = Signals::install().context("installing signal handlers")?;
 
     if args.udp {

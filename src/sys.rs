@@ -173,6 +173,69 @@ pub fn async_fd<T: OwnsFd>(inner: T) -> io::Result<tokio::io::unix::AsyncFd<T>> 
     unsafe { tokio::io::unix::AsyncFd::register(inner) }.map_err(|e| e.into_parts().1)
 }
 
+/// A read-only mapping of part of a file (the `mmap` send strategy).
+#[derive(Debug)]
+pub struct Mapping {
+    ptr: std::ptr::NonNull<std::ffi::c_void>,
+    len: usize,
+    /// Where the requested bytes start inside the (page-aligned) mapping.
+    skip: usize,
+}
+
+impl Mapping {
+    /// Map `len` bytes of `file` from `offset`. The file's current size is checked first: a
+    /// region past the end is refused (`EIO`) instead of mapped, since touching a mapped
+    /// page beyond the end of a file raises SIGBUS. (A file truncated by another process
+    /// *while* mapped can still do so; serve files nobody truncates, or use `sendfile`.)
+    ///
+    /// # Errors
+    /// `fstat`/`mmap` errors, or `EIO` for a region past the end of the file.
+    pub fn new(file: &std::fs::File, offset: u64, len: usize) -> io::Result<Mapping> {
+        use nix::sys::mman::{MapFlags, ProtFlags};
+        let size = file.metadata()?.len();
+        if len == 0 || offset.saturating_add(len as u64) > size {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        let page = 4096u64;
+        let aligned = offset - offset % page;
+        let skip = (offset - aligned) as usize;
+        let total = std::num::NonZeroUsize::new(len + skip).expect("len > 0");
+        // SAFETY: a fresh private read-only mapping of an open file, not aliasing any Rust
+        // object; its bytes are only read through `as_slice` while `self` lives, and the
+        // region lies within the file's current size (checked above).
+        let ptr = unsafe {
+            nix::sys::mman::mmap(
+                None,
+                total,
+                ProtFlags::PROT_READ,
+                MapFlags::MAP_PRIVATE,
+                file,
+                aligned as libc::off_t,
+            )
+        }?;
+        Ok(Mapping {
+            ptr,
+            len: len + skip,
+            skip,
+        })
+    }
+
+    /// The mapped bytes that were asked for.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: `ptr` points to `len` readable bytes mapped by `new` and kept until drop.
+        let all = unsafe { std::slice::from_raw_parts(self.ptr.as_ptr() as *const u8, self.len) };
+        &all[self.skip..]
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was made by `new` with this address and length, and no slice
+        // of it outlives `self`.
+        let _ = unsafe { nix::sys::mman::munmap(self.ptr, self.len) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -163,6 +163,10 @@ fn drive(epoll: &Epoll, book: &mut Book<'_>, t: usize, buf: &mut [u8], edge: boo
     };
     match conn.drive(buf, edge, now) {
         Step::Keep(i) => {
+            book.watch(t);
+            let Some(conn) = book.conns.get_mut(t) else {
+                return;
+            };
             if !edge && i != conn.registered {
                 let mut ev = EpollEvent::new(conn_flags(edge, i), t as u64);
                 if let Err(e) = epoll.modify(conn.sock.as_fd(), &mut ev) {

@@ -41,8 +41,8 @@ pub struct Conn<'a> {
     hangup: bool,
     /// When the connection last moved bytes (for the idle timeout).
     pub last_active: Instant,
-    /// The deadline this connection has queued in the timers.
-    pub deadline: Instant,
+    /// The deadline this connection has queued in the timers, if any.
+    pub deadline: Option<Instant>,
     /// The interest last registered with the kernel (level-triggered epoll, poll).
     pub registered: Interest,
 }
@@ -59,7 +59,7 @@ pub enum Step {
 impl<'a> Conn<'a> {
     /// A new connection: the session opens (daytime queues its line here).
     pub fn new(sock: Socket, slot: Slot<'a>, ctx: &Ctx, now: Instant) -> Conn<'a> {
-        let mut out = Outbox::new();
+        let mut out = ctx.service.outbox();
         let session = ctx.service.open(&mut out);
         Conn {
             sock,
@@ -70,7 +70,7 @@ impl<'a> Conn<'a> {
             eof: false,
             hangup: false,
             last_active: now,
-            deadline: now,
+            deadline: None,
             registered: Interest {
                 read: true,
                 write: false,
@@ -273,9 +273,7 @@ impl<'a> Book<'a> {
     /// Add a connection and queue its idle deadline; returns its token.
     pub fn add(&mut self, mut conn: Conn<'a>, now: Instant) -> usize {
         let deadline = self.idle.map(|d| now + d);
-        if let Some(d) = deadline {
-            conn.deadline = d;
-        }
+        conn.deadline = deadline;
         let token = self.conns.insert(conn);
         if let Some(d) = deadline {
             self.timers.insert(d, TimerKey::Conn(token));
@@ -283,11 +281,29 @@ impl<'a> Book<'a> {
         token
     }
 
+    /// After a connection was driven: if its session now has a deadline earlier than the
+    /// one queued (an HTTP request head started arriving), queue that one instead.
+    pub fn watch(&mut self, token: usize) {
+        let Some(conn) = self.conns.get_mut(token) else {
+            return;
+        };
+        let Some(d) = conn.session.deadline() else {
+            return;
+        };
+        if conn.deadline.is_some_and(|q| q <= d) {
+            return;
+        }
+        if let Some(old) = conn.deadline.replace(d) {
+            self.timers.remove(old, TimerKey::Conn(token));
+        }
+        self.timers.insert(d, TimerKey::Conn(token));
+    }
+
     /// Remove a connection (closing its socket) and its deadline, logging why it ended.
     pub fn close(&mut self, token: usize, end: End) -> Option<Conn<'a>> {
         let conn = self.conns.remove(token)?;
-        if self.idle.is_some() {
-            self.timers.remove(conn.deadline, TimerKey::Conn(token));
+        if let Some(d) = conn.deadline {
+            self.timers.remove(d, TimerKey::Conn(token));
         }
         end.log(conn.peer());
         Some(conn)
@@ -309,24 +325,36 @@ impl<'a> Book<'a> {
                 TimerKey::ResumeAccept => resume_accept = true,
                 TimerKey::Grace => self.grace_over = true,
                 TimerKey::Conn(t) => {
-                    let Some(idle) = self.idle else { continue };
                     let Some(conn) = self.conns.get_mut(t) else {
                         continue;
                     };
-                    let due = conn.last_active + idle;
-                    if due > now {
-                        conn.deadline = due;
-                        self.timers.insert(due, TimerKey::Conn(t));
-                    } else {
-                        conn.deadline = now; // already popped: nothing to remove
-                        closed.push(t);
+                    conn.deadline = None; // popped: nothing left to remove
+                    if conn.session.deadline().is_some_and(|d| d <= now) {
+                        // The session's own deadline (HTTP: 408), sent if the socket takes it.
+                        conn.session.on_deadline(&mut conn.out);
+                        let _ = conn.out.flush(&conn.sock);
+                        closed.push((t, End::Deadline));
+                        continue;
+                    }
+                    let idle_due = self.idle.map(|i| conn.last_active + i);
+                    if idle_due.is_some_and(|d| d <= now) {
+                        closed.push((t, End::IdleTimeout));
+                        continue;
+                    }
+                    let next = match (idle_due, conn.session.deadline()) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                    if let Some(next) = next {
+                        conn.deadline = Some(next);
+                        self.timers.insert(next, TimerKey::Conn(t));
                     }
                 }
             }
         }
-        for t in closed {
+        for (t, end) in closed {
             if let Some(c) = self.conns.remove(t) {
-                End::IdleTimeout.log(c.peer());
+                end.log(c.peer());
             }
         }
         Expired { resume_accept }

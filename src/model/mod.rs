@@ -516,6 +516,8 @@ pub enum End {
     Closed,
     /// Idle longer than `--idle-timeout`.
     IdleTimeout,
+    /// The session's own deadline passed (an HTTP request head too slow: 408 sent).
+    Deadline,
     /// The server is stopping and the connection was idle.
     Shutdown,
     /// The peer sent something the protocol refuses.
@@ -531,6 +533,7 @@ impl End {
         match self {
             End::Closed => {}
             End::IdleTimeout => tracing::debug!(%peer, "idle timeout"),
+            End::Deadline => tracing::debug!(%peer, "request deadline passed"),
             End::Shutdown => tracing::debug!(%peer, "closed for shutdown"),
             End::Protocol(e) => tracing::warn!(%peer, "protocol error: {e}; closing connection"),
             End::Io(e) => tracing::debug!(%peer, "connection error: {e}"),
@@ -553,10 +556,13 @@ pub fn serve_blocking(sock: &Socket, ctx: &Ctx, busy: &AtomicBool) -> End {
     {
         return End::Io(e);
     }
-    let mut out = crate::output::Outbox::new();
+    let mut out = ctx.service.outbox();
     let mut session = ctx.service.open(&mut out);
     let mut buf = vec![0u8; READ_BUF];
     let mut eof = false;
+    // The receive timeout in force: the idle timeout, or less while the session has a
+    // deadline of its own (HTTP's request head); changed only when it changes.
+    let mut timeout = idle;
     loop {
         match out.flush(sock) {
             Ok(Flush::Done) => {}
@@ -572,6 +578,21 @@ pub fn serve_blocking(sock: &Socket, ctx: &Ctx, busy: &AtomicBool) -> End {
         if !in_flight && signals::stop_requested() {
             // Stopping: answer only what has already arrived, without waiting for more.
             flags = libc::MSG_DONTWAIT;
+        }
+        let wanted = match session.deadline() {
+            Some(d) => {
+                let left = d
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(1));
+                Some(idle.map_or(left, |i| i.min(left)))
+            }
+            None => idle,
+        };
+        if wanted != timeout {
+            if let Err(e) = sock.set_read_timeout(wanted) {
+                return End::Io(e);
+            }
+            timeout = wanted;
         }
         let n = match recv(sock, &mut buf, flags) {
             Ok(0) => {
@@ -590,7 +611,12 @@ pub fn serve_blocking(sock: &Socket, ctx: &Ctx, busy: &AtomicBool) -> End {
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) =>
             {
-                return End::IdleTimeout
+                if session.deadline().is_some_and(|d| d <= Instant::now()) {
+                    session.on_deadline(&mut out);
+                    let _ = out.flush(sock);
+                    return End::Deadline;
+                }
+                return End::IdleTimeout;
             }
             Err(e) => return End::Io(e),
         };

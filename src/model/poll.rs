@@ -120,7 +120,10 @@ fn drive(book: &mut Book<'_>, t: usize, buf: &mut [u8], now: Instant) {
         return;
     };
     match conn.drive(buf, false, now) {
-        Step::Keep(i) => conn.registered = i,
+        Step::Keep(i) => {
+            conn.registered = i;
+            book.watch(t);
+        }
         Step::Close(end) => {
             book.close(t, end);
         }

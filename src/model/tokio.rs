@@ -10,7 +10,7 @@
 
 use crate::model::{accept, accept_action, AcceptAction, Ctx, End, Slot, READ_BUF};
 use crate::net::Listener;
-use crate::output::{Flush, Outbox};
+use crate::output::Flush;
 use crate::signals::{self, Signals};
 use socket2::Socket;
 use std::io;
@@ -113,7 +113,7 @@ async fn connection(
 }
 
 async fn drive(fd: &AsyncFd<Socket>, ctx: &Ctx, mut stop: watch::Receiver<bool>) -> End {
-    let mut out = Outbox::new();
+    let mut out = ctx.service.outbox();
     let mut session = ctx.service.open(&mut out);
     let mut buf = vec![0u8; READ_BUF];
     let idle = ctx.opts.idle_timeout;
@@ -146,12 +146,18 @@ async fn drive(fd: &AsyncFd<Socket>, ctx: &Ctx, mut stop: watch::Receiver<bool>)
                 Err(_) => return End::Shutdown,
             }
         } else {
+            let deadline = session.deadline();
             tokio::select! {
                 g = fd.readable() => match g {
                     Ok(g) => g,
                     Err(e) => return End::Io(e),
                 },
                 _ = tokio::time::sleep(idle), if !idle.is_zero() => return End::IdleTimeout,
+                _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now).into()), if deadline.is_some() => {
+                    session.on_deadline(&mut out);
+                    let _ = out.flush(fd.get_ref());
+                    return End::Deadline;
+                }
                 _ = stop.changed(), if idle_now && !stopping => continue,
             }
         };

@@ -12,10 +12,13 @@
 pub mod daytime;
 pub mod discard;
 pub mod echo;
+pub mod http;
 pub mod reverse;
 
-use crate::output::Outbox;
+use crate::output::{Outbox, SendStrategy};
 use std::fmt;
+use std::sync::Arc;
+use std::time::Instant;
 
 /// Default limit on a reverse request's declared length (16 MiB).
 pub const DEFAULT_MAX_REQUEST: usize = 16 << 20;
@@ -31,6 +34,8 @@ pub enum ServiceKind {
     Daytime,
     /// The course's `srv_rev`: 4-byte big-endian length + bytes, answered reversed.
     Reverse,
+    /// HTTP/1.1 static files from `--root` (GET, HEAD, ranges, conditional requests).
+    Http,
 }
 
 impl fmt::Display for ServiceKind {
@@ -40,6 +45,7 @@ impl fmt::Display for ServiceKind {
             ServiceKind::Discard => "discard",
             ServiceKind::Daytime => "daytime",
             ServiceKind::Reverse => "reverse",
+            ServiceKind::Http => "http",
         })
     }
 }
@@ -74,6 +80,10 @@ pub struct ServiceConfig {
     pub max_request: usize,
     /// Produces the daytime text; a parameter so tests can pin the clock.
     pub clock: fn() -> String,
+    /// The HTTP service's root and limits (required for [`ServiceKind::Http`]).
+    pub http: Option<Arc<http::HttpConfig>>,
+    /// How file bodies are sent.
+    pub strategy: SendStrategy,
 }
 
 impl ServiceConfig {
@@ -83,7 +93,15 @@ impl ServiceConfig {
             kind,
             max_request: DEFAULT_MAX_REQUEST,
             clock: daytime::local_now,
+            http: None,
+            strategy: SendStrategy::default(),
         }
+    }
+
+    /// An empty output queue for a new connection, sending files with the configured
+    /// strategy.
+    pub fn outbox(&self) -> Outbox {
+        Outbox::with_strategy(self.strategy)
     }
 
     /// A fresh session for a new connection, with its opening output (daytime's text)
@@ -94,6 +112,11 @@ impl ServiceConfig {
             ServiceKind::Discard => Session::Discard(discard::Discard),
             ServiceKind::Daytime => Session::Daytime(daytime::Daytime::open((self.clock)(), out)),
             ServiceKind::Reverse => Session::Reverse(reverse::Reverse::new(self.max_request)),
+            ServiceKind::Http => Session::Http(http::Http::new(
+                self.http
+                    .clone()
+                    .expect("the http service is configured with a root"),
+            )),
         }
     }
 
@@ -103,7 +126,7 @@ impl ServiceConfig {
         reply.clear();
         match self.kind {
             ServiceKind::Echo => reply.extend_from_slice(request),
-            ServiceKind::Discard => return false,
+            ServiceKind::Discard | ServiceKind::Http => return false,
             ServiceKind::Daytime => reply.extend_from_slice((self.clock)().as_bytes()),
             ServiceKind::Reverse => reply.extend(request.iter().rev()),
         }
@@ -123,6 +146,8 @@ pub enum Session {
     Daytime(daytime::Daytime),
     /// See [`reverse::Reverse`].
     Reverse(reverse::Reverse),
+    /// See [`http::Http`].
+    Http(http::Http),
 }
 
 impl Session {
@@ -137,6 +162,10 @@ impl Session {
             Session::Discard(_) => Ok(()),
             Session::Daytime(_) => Ok(()),
             Session::Reverse(s) => s.receive(input, out),
+            Session::Http(s) => {
+                s.receive(input, out);
+                Ok(())
+            }
         }
     }
 
@@ -148,6 +177,10 @@ impl Session {
     pub fn end_of_input(&mut self) -> Result<(), ProtocolError> {
         match self {
             Session::Reverse(s) => s.end_of_input(),
+            Session::Http(s) if s.mid_request() => Err(ProtocolError::Truncated {
+                got: 0,
+                expected: 0,
+            }),
             _ => Ok(()),
         }
     }
@@ -155,7 +188,28 @@ impl Session {
     /// Whether the session wants the connection closed once its output is flushed, even
     /// though the peer has not closed (daytime after its one line).
     pub fn done(&self) -> bool {
-        matches!(self, Session::Daytime(_))
+        match self {
+            Session::Daytime(_) => true,
+            Session::Http(s) => s.done(),
+            _ => false,
+        }
+    }
+
+    /// When the session needs attention even if nothing arrives (HTTP's request-head
+    /// deadline); the models wake it then with [`Session::on_deadline`].
+    pub fn deadline(&self) -> Option<Instant> {
+        match self {
+            Session::Http(s) => s.deadline(),
+            _ => None,
+        }
+    }
+
+    /// The deadline passed: queue what the protocol says (HTTP: 408); the connection is
+    /// closed once that is flushed.
+    pub fn on_deadline(&mut self, out: &mut Outbox) {
+        if let Session::Http(s) = self {
+            s.on_deadline(out);
+        }
     }
 
     /// Whether part of a request has arrived and is not answered yet: a connection with a
@@ -163,6 +217,7 @@ impl Session {
     pub fn mid_request(&self) -> bool {
         match self {
             Session::Reverse(s) => s.mid_request(),
+            Session::Http(s) => s.mid_request(),
             _ => false,
         }
     }
