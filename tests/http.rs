@@ -54,13 +54,11 @@ fn png_40x40() -> Vec<u8> {
         out.extend_from_slice(&crc(&body).to_be_bytes());
     }
     let (w, h) = (40u32, 40u32);
-    let mut raw = Vec::new();
-    for _ in 0..h {
-        raw.push(0u8);
-        for _ in 0..w {
-            raw.extend_from_slice(&[220, 30, 30]);
-        }
-    }
+    // Each row: filter type 0, then RGB pixels.
+    let row: Vec<u8> = std::iter::once(0u8)
+        .chain((0..w).flat_map(|_| [220u8, 30, 30]))
+        .collect();
+    let raw: Vec<u8> = (0..h).flat_map(|_| row.iter().copied()).collect();
     let (mut a, mut b) = (1u32, 0u32);
     for &x in &raw {
         a = (a + x as u32) % 65521;
