@@ -102,8 +102,11 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         let canonical = std::fs::canonicalize(root)
             .and_then(|p| std::fs::read_dir(&p).map(|_| p))
             .map_err(|e| UsageError(format!("cannot serve {}: {e}", root.display())))?;
+        let root_fd = crate::service::http::path::open_root(&canonical)
+            .map_err(|e| UsageError(format!("cannot serve {}: {e}", root.display())))?;
         service.http = Some(std::sync::Arc::new(HttpConfig {
             root: canonical,
+            root_fd,
             follow_symlinks: args.follow_symlinks,
             header_timeout: args.header_timeout,
         }));

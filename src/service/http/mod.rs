@@ -36,10 +36,12 @@ pub const MAX_HEAD: usize = 16 * 1024;
 pub const MAX_HEADERS: usize = 64;
 
 /// What the HTTP service serves and how.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct HttpConfig {
-    /// The served directory, canonical (symlinks resolved), so containment checks hold.
+    /// The served directory, canonical (symlinks resolved).
     pub root: PathBuf,
+    /// The served directory, opened: every file is opened relative to it ([`path::open`]).
+    pub root_fd: std::os::fd::OwnedFd,
     /// Serve symlinks that point outside the root.
     pub follow_symlinks: bool,
     /// Time allowed for a request head, from its first byte.
@@ -94,6 +96,25 @@ fn reason(status: u16) -> &'static str {
         501 => "Not Implemented",
         _ => "Unknown",
     }
+}
+
+/// The current time as an HTTP date, formatted once per second per thread.
+fn now_http_date() -> String {
+    use std::cell::RefCell;
+    thread_local! {
+        static CACHE: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    }
+    let now = SystemTime::now();
+    let secs = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.0 != secs {
+            *c = (secs, httpdate::fmt_http_date(now));
+        }
+        c.1.clone()
+    })
 }
 
 /// Escape text for HTML.
@@ -346,54 +367,55 @@ impl Http {
         range: Option<&str>,
     ) -> Response {
         use path::Refusal;
-        let resolved = match path::resolve(&self.config.root, target, self.config.follow_symlinks) {
-            Ok(r) => r,
-            Err(Refusal::BadRequest) => return error(400),
-            Err(Refusal::Forbidden) => return error(403),
-            Err(Refusal::NotFound) => return error(404),
+        let refused = |r: Refusal| match r {
+            Refusal::BadRequest => error(400),
+            Refusal::Forbidden => error(403),
+            Refusal::NotFound => error(404),
         };
-        let meta = match std::fs::metadata(&resolved.path) {
-            Ok(m) => m,
-            Err(_) => return error(404),
+        let t = match path::parse(target) {
+            Ok(t) => t,
+            Err(r) => return refused(r),
         };
-        let (file_path, meta) = if meta.is_dir() {
-            if !resolved.trailing_slash {
-                let mut r = error(301);
-                let query = target.find('?').map(|i| &target[i..]).unwrap_or("");
-                let location: String = resolved
-                    .shown
-                    .split('/')
-                    .map(path::encode)
-                    .collect::<Vec<_>>()
-                    .join("/");
-                let _ = write!(r.headers, "Location: {location}/{query}\r\n");
-                return r;
-            }
-            let index = resolved.path.join("index.html");
-            match std::fs::metadata(&index) {
-                Ok(m) if m.is_file() => (index, m),
-                _ => {
-                    return match listing::render(&resolved.path, &resolved.shown) {
-                        Ok(html) => Response {
-                            status: 200,
-                            headers: String::new(),
-                            body: Body::Html(html),
-                        },
-                        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => error(403),
-                        Err(_) => error(404),
+        let (file, meta, name) =
+            match path::open(&self.config.root_fd, &t.rel, self.config.follow_symlinks) {
+                Err(r) => return refused(r),
+                Ok((_, meta)) if meta.is_dir() => {
+                    if !t.trailing_slash {
+                        let mut r = error(301);
+                        let query = target.find('?').map(|i| &target[i..]).unwrap_or("");
+                        let location: String = t
+                            .shown
+                            .split('/')
+                            .map(path::encode)
+                            .collect::<Vec<_>>()
+                            .join("/");
+                        let _ = write!(r.headers, "Location: {location}/{query}\r\n");
+                        return r;
+                    }
+                    let index = t.rel.join("index.html");
+                    match path::open(&self.config.root_fd, &index, self.config.follow_symlinks) {
+                        Ok((f, m)) if m.is_file() => (f, m, index),
+                        _ => {
+                            // The directory was opened beneath the root, and `rel` holds no `..`.
+                            return match listing::render(&self.config.root.join(&t.rel), &t.shown) {
+                                Ok(html) => Response {
+                                    status: 200,
+                                    headers: String::new(),
+                                    body: Body::Html(html),
+                                },
+                                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                                    error(403)
+                                }
+                                Err(_) => error(404),
+                            };
+                        }
                     }
                 }
-            }
-        } else if meta.is_file() {
-            (resolved.path.clone(), meta)
-        } else {
-            return error(403);
-        };
-        let file = match std::fs::File::open(&file_path) {
-            Ok(f) => Arc::new(f),
-            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => return error(403),
-            Err(_) => return error(404),
-        };
+                Ok((f, m)) if m.is_file() => (f, m, t.rel.clone()),
+                Ok(_) => return error(403), // devices, FIFOs, sockets are not served
+            };
+        let file = Arc::new(file);
+        let file_path = name;
         let size = meta.len();
         let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
         let secs = mtime
@@ -502,7 +524,7 @@ impl Http {
             "HTTP/1.1 {} {}\r\nDate: {}\r\nServer: socklab\r\n{}",
             r.status,
             reason(r.status),
-            httpdate::fmt_http_date(SystemTime::now()),
+            now_http_date(),
             r.headers
         );
         if matches!(r.body, Body::Html(_)) {
@@ -549,8 +571,10 @@ mod tests {
         std::fs::write(dir.path().join("hello.txt"), b"hello world").unwrap();
         std::fs::create_dir(dir.path().join("d")).unwrap();
         std::fs::write(dir.path().join("d/x<y>.txt"), b"x").unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
         let cfg = HttpConfig {
-            root: std::fs::canonicalize(dir.path()).unwrap(),
+            root_fd: path::open_root(&root).unwrap(),
+            root,
             follow_symlinks: false,
             header_timeout: Duration::from_secs(10),
         };

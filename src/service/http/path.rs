@@ -1,12 +1,18 @@
 //! Mapping a request target to a file under the root, safely.
 //!
-//! The rules: the path is split on `/` *before* percent-decoding, and each segment is
-//! decoded exactly once; a segment that decodes to `..`, or contains `/`, `\0` or `\\`, is
-//! refused, so `%2e%2e`, `%2f`, `..%2f` and double encodings (`%252e` decodes to the literal
-//! text `%2e`, a harmless name) cannot climb out. The joined path is then resolved with
-//! `canonicalize`, and a result outside the root (a symlink pointing out) is refused unless
-//! symlinks may be followed.
+//! Two locks, either of which alone would hold:
+//!
+//! 1. [`parse`]: the path is split on `/` *before* percent-decoding, and each segment is
+//!    decoded exactly once; a segment that decodes to `..`, or contains `/`, `\0` or `\\`,
+//!    is refused, so `%2e%2e`, `%2f`, `..%2f` and double encodings (`%252e` decodes to the
+//!    literal text `%2e`, a harmless name) cannot climb out.
+//! 2. [`open`]: the file is opened relative to the root's descriptor with `openat2(2)` and
+//!    `RESOLVE_BENEATH`: the kernel refuses (`EXDEV`) any resolution that would leave the
+//!    root, through `..` or through a symlink, and does so atomically with the open (no
+//!    window between a check and the open). `--follow-symlinks` drops that flag, so links
+//!    pointing out are served; `..` is still refused by the parser.
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 /// Why a target was refused.
@@ -20,11 +26,11 @@ pub enum Refusal {
     NotFound,
 }
 
-/// A target resolved under the root.
+/// A request target, checked and decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Resolved {
-    /// The file or directory on disk.
-    pub path: PathBuf,
+pub struct Target {
+    /// The path relative to the root (empty for the root itself).
+    pub rel: PathBuf,
     /// The decoded path as the client named it (for listings and redirects), always
     /// starting with `/`.
     pub shown: String,
@@ -85,11 +91,11 @@ pub fn target_path(target: &str) -> Result<&str, Refusal> {
     Ok(&path[..end])
 }
 
-/// Resolve `target` under `root` (which must be canonical).
+/// Check and decode `target` into a path relative to the root.
 ///
 /// # Errors
 /// A [`Refusal`] naming the status to answer.
-pub fn resolve(root: &Path, target: &str, follow_symlinks: bool) -> Result<Resolved, Refusal> {
+pub fn parse(target: &str) -> Result<Target, Refusal> {
     use std::os::unix::ffi::OsStrExt;
     let raw = target_path(target)?;
     let mut rel = PathBuf::new();
@@ -113,22 +119,58 @@ pub fn resolve(root: &Path, target: &str, follow_symlinks: bool) -> Result<Resol
     if !trailing_slash && shown.len() > 1 {
         shown.pop();
     }
-    let joined = root.join(&rel);
-    let real = match std::fs::canonicalize(&joined) {
-        Ok(p) => p,
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-            return Err(Refusal::Forbidden)
-        }
-        Err(_) => return Err(Refusal::NotFound),
-    };
-    if !real.starts_with(root) && !follow_symlinks {
-        return Err(Refusal::Forbidden);
-    }
-    Ok(Resolved {
-        path: real,
+    Ok(Target {
+        rel,
         shown,
         trailing_slash,
     })
+}
+
+/// Open `rel` (from [`parse`]) beneath the directory `root` for reading.
+///
+/// # Errors
+/// [`Refusal::NotFound`] for nothing there, [`Refusal::Forbidden`] for no permission or a
+/// path that would leave the root.
+pub fn open(
+    root: &OwnedFd,
+    rel: &Path,
+    follow_symlinks: bool,
+) -> Result<(std::fs::File, std::fs::Metadata), Refusal> {
+    use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
+    let rel = if rel.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        rel
+    };
+    let mut how = OpenHow::new()
+        .flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOCTTY | OFlag::O_NONBLOCK);
+    if !follow_symlinks {
+        how = how.resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    }
+    let fd = nix::fcntl::openat2(root, rel, how).map_err(|e| match e {
+        nix::errno::Errno::ENOENT
+        | nix::errno::Errno::ENOTDIR
+        | nix::errno::Errno::ENAMETOOLONG => Refusal::NotFound,
+        _ => Refusal::Forbidden, // EACCES, EPERM, EXDEV (would leave the root), ELOOP...
+    })?;
+    let file = std::fs::File::from(fd);
+    // O_NONBLOCK only kept open() from hanging on a FIFO; reads of regular files ignore it.
+    let meta = file.metadata().map_err(|_| Refusal::Forbidden)?;
+    Ok((file, meta))
+}
+
+/// Open the root directory, for [`open`].
+///
+/// # Errors
+/// The root cannot be opened as a directory.
+pub fn open_root(root: &Path) -> std::io::Result<OwnedFd> {
+    use nix::fcntl::OFlag;
+    let fd = nix::fcntl::open(
+        root,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    Ok(fd)
 }
 
 /// Percent-encode a name for use in a link (everything but unreserved characters).
@@ -148,7 +190,7 @@ pub fn encode(name: &str) -> String {
 mod tests {
     use super::*;
 
-    fn tree() -> (tempfile::TempDir, PathBuf) {
+    fn tree() -> (tempfile::TempDir, PathBuf, OwnedFd) {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("www");
         std::fs::create_dir_all(root.join("sub")).unwrap();
@@ -156,41 +198,46 @@ mod tests {
         std::fs::write(root.join("sub/b c.txt"), b"b").unwrap();
         std::fs::write(dir.path().join("secret"), b"s").unwrap();
         std::os::unix::fs::symlink(dir.path().join("secret"), root.join("out")).unwrap();
-        std::os::unix::fs::symlink(root.join("a.txt"), root.join("in")).unwrap();
-        let root = std::fs::canonicalize(root).unwrap();
-        (dir, root)
+        std::os::unix::fs::symlink("../secret", root.join("rel-out")).unwrap();
+        std::os::unix::fs::symlink("a.txt", root.join("in")).unwrap();
+        let fd = open_root(&root).unwrap();
+        (dir, root, fd)
+    }
+
+    fn get(fd: &OwnedFd, target: &str, follow: bool) -> Result<Vec<u8>, Refusal> {
+        let t = parse(target)?;
+        let (mut f, meta) = open(fd, &t.rel, follow)?;
+        if meta.is_dir() {
+            return Ok(b"<dir>".to_vec());
+        }
+        let mut v = Vec::new();
+        std::io::Read::read_to_end(&mut f, &mut v).unwrap();
+        Ok(v)
     }
 
     #[test]
     fn ordinary_paths_resolve() {
-        let (_d, root) = tree();
+        let (_d, _root, fd) = tree();
+        assert_eq!(get(&fd, "/a.txt", false).unwrap(), b"a");
+        assert_eq!(get(&fd, "/sub/b%20c.txt?x=1#f", false).unwrap(), b"b");
+        assert_eq!(get(&fd, "http://h/a.txt", false).unwrap(), b"a");
+        assert_eq!(get(&fd, "/", false).unwrap(), b"<dir>");
+        let t = parse("/sub/").unwrap();
+        assert!(t.trailing_slash);
+        assert_eq!(t.shown, "/sub/");
         assert_eq!(
-            resolve(&root, "/a.txt", false).unwrap().path,
-            root.join("a.txt")
+            get(&fd, "/in", false).unwrap(),
+            b"a",
+            "a symlink inside the root is fine"
         );
-        assert_eq!(
-            resolve(&root, "/sub/b%20c.txt?x=1#f", false).unwrap().path,
-            root.join("sub/b c.txt")
-        );
-        assert_eq!(
-            resolve(&root, "http://h/a.txt", false).unwrap().path,
-            root.join("a.txt")
-        );
-        let d = resolve(&root, "/sub/", false).unwrap();
-        assert!(d.trailing_slash);
-        assert_eq!(d.shown, "/sub/");
-        assert_eq!(
-            resolve(&root, "/in", false).unwrap().path,
-            root.join("a.txt")
-        );
-        assert_eq!(resolve(&root, "/nope", false), Err(Refusal::NotFound));
-        assert_eq!(resolve(&root, "a.txt", false), Err(Refusal::BadRequest));
-        assert_eq!(resolve(&root, "/%zz", false), Err(Refusal::BadRequest));
+        assert_eq!(get(&fd, "/nope", false), Err(Refusal::NotFound));
+        assert_eq!(get(&fd, "a.txt", false), Err(Refusal::BadRequest));
+        assert_eq!(get(&fd, "/%zz", false), Err(Refusal::BadRequest));
     }
 
     #[test]
     fn traversal_attempts_never_leave_the_root() {
-        let (_d, root) = tree();
+        let (_d, _root, fd) = tree();
         let attempts = [
             "/../secret",
             "/..",
@@ -209,6 +256,7 @@ mod tests {
             "/a.txt%00.html",
             "/%00",
             "/out",
+            "/rel-out",
             "/sub/../out",
             "/%252e%252e/secret",
             "/%25%32%65%25%32%65/secret",
@@ -227,8 +275,8 @@ mod tests {
         ];
         assert!(attempts.len() >= 30);
         for a in attempts {
-            match resolve(&root, a, false) {
-                Ok(r) => assert!(r.path.starts_with(&root), "{a} escaped to {:?}", r.path),
+            match get(&fd, a, false) {
+                Ok(v) => assert!(v != b"s", "{a} reached the secret"),
                 Err(e) => assert!(
                     matches!(
                         e,
@@ -238,9 +286,16 @@ mod tests {
                 ),
             }
         }
-        // With --follow-symlinks the outside link is served; traversal is still refused.
-        assert!(resolve(&root, "/out", true).is_ok());
-        assert!(resolve(&root, "/%2e%2e/secret", true).is_err());
+        assert_eq!(
+            get(&fd, "/out", false),
+            Err(Refusal::Forbidden),
+            "symlink out refused by the kernel"
+        );
+        assert_eq!(get(&fd, "/rel-out", false), Err(Refusal::Forbidden));
+        // With --follow-symlinks the links out are served; `..` is still refused.
+        assert_eq!(get(&fd, "/out", true).unwrap(), b"s");
+        assert_eq!(get(&fd, "/rel-out", true).unwrap(), b"s");
+        assert!(get(&fd, "/%2e%2e/secret", true).is_err());
     }
 
     #[test]
