@@ -22,9 +22,10 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run a service (echo, discard, daytime, reverse) under a server design.
+    /// Run a service (echo, discard, daytime, reverse, http) under a server design.
     ///
-    /// Example: `socklab serve reverse --model epoll --listen 127.0.0.1:0`
+    /// Example: `socklab serve reverse --model epoll --listen 127.0.0.1:0`,
+    /// `socklab serve http --root ./public --send sendfile`
     Serve(ServeArgs),
     /// Talk to a service: `reverse ADDR FILE...`, `echo ADDR`, `daytime ADDR`.
     ///
