@@ -19,7 +19,7 @@
 //! - [`client`]: the clients (`cln_rev` and friends).
 //! - [`units`]: durations and sizes on the command line.
 //! - [`lab`]: the course's socket experiments against the live kernel.
-//! - [`bench`]: the load generator and the side-by-side comparison of every design.
+//! - [`bench`](mod@bench): the load generator and the side-by-side comparison of every design.
 #![deny(missing_docs, rust_2018_idioms)]
 
 pub mod bench;
