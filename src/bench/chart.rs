@@ -2,6 +2,7 @@
 //! verified req/s and p99 latency against the concurrency level, one line per model.
 
 use crate::bench::compare::{Comparison, Scenario};
+use crate::bench::proto::BenchService;
 use std::fmt::Write as _;
 
 const COLORS: [&str; 10] = [
@@ -83,6 +84,10 @@ pub fn render(c: &Comparison) -> String {
     );
     let _ = write!(svg, r#"<rect width="{W}" height="{H}" fill="white"/>"#);
     let title = match c.scenario {
+        Scenario::Levels if c.service == BenchService::Http => format!(
+            "socklab bench --compare: http GET {}, {:.0} s per point",
+            c.path, c.seconds_per_point
+        ),
         Scenario::Levels => format!(
             "socklab bench --compare: {} {} B, {:.0} s per point",
             c.service, c.size, c.seconds_per_point
@@ -288,6 +293,7 @@ mod tests {
             scenario: Scenario::Levels,
             service: BenchService::Reverse,
             size: 64,
+            path: "/".into(),
             seconds_per_point: 1.0,
             connect_per_request: false,
             threads: 2,

@@ -66,8 +66,10 @@ pub struct Comparison {
     pub scenario: Scenario,
     /// The protocol.
     pub service: BenchService,
-    /// Payload bytes per request.
+    /// Payload bytes per request (echo, reverse).
     pub size: usize,
+    /// The path fetched (http).
+    pub path: String,
     /// Seconds per point.
     pub seconds_per_point: f64,
     /// Whether each request had its own connection.
@@ -220,6 +222,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         scenario,
         service,
         size,
+        path: args.path.clone(),
         seconds_per_point: seconds.as_secs_f64(),
         connect_per_request: cpr,
         threads,
@@ -242,8 +245,13 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
 pub fn table(c: &Comparison) -> String {
     use std::fmt::Write as _;
     let mut s = String::new();
+    let payload = if c.service == BenchService::Http {
+        format!("GET {}", c.path)
+    } else {
+        format!("{} B", c.size)
+    };
     let what = match c.scenario {
-        Scenario::Levels => format!("{} {} B", c.service, c.size),
+        Scenario::Levels => format!("{} {payload}", c.service),
         Scenario::Stevens => format!("{} {} B, a connection per request", c.service, c.size),
         Scenario::C10k => format!(
             "{} {} B, 16 active connections beside idle ones",
