@@ -9,38 +9,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 conns=${1:-64}; secs=${2:-5}; rounds=${3:-6}
 threads=$(nproc)
-if ! command -v nginx >/dev/null || ! command -v wrk >/dev/null; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light wrk >/dev/null
-fi
+source benches/lib.sh
+ensure_tools nginx wrk curl
 cargo build --release -q
 socklab=target/release/socklab
-
-tmp=$(mktemp -d)
-nginx_pid=""
-cleanup() { [ -n "$nginx_pid" ] && kill "$nginx_pid" 2>/dev/null; rm -rf "$tmp"; }
-trap cleanup EXIT
-mkdir -p "$tmp/www" "$tmp/logs"
-chmod 755 "$tmp" "$tmp/www"   # nginx workers do not run as root
-head -c 1024 /dev/urandom | base64 -w 0 | head -c 1024 > "$tmp/www/1k.txt"; chmod 644 "$tmp/www/1k.txt"
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-cat > "$tmp/nginx.conf" <<CONF
-daemon off;
-worker_processes $threads;
-pid $tmp/nginx.pid;
-error_log $tmp/logs/error.log;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    sendfile on;
-    keepalive_requests 1000000;
-    client_body_temp_path $tmp/body; proxy_temp_path $tmp/proxy; fastcgi_temp_path $tmp/fcgi;
-    uwsgi_temp_path $tmp/uwsgi; scgi_temp_path $tmp/scgi;
-    server { listen 127.0.0.1:$port; root $tmp/www; }
-}
-CONF
-nginx -c "$tmp/nginx.conf" -p "$tmp" &
-nginx_pid=$!
-sleep 0.5
+mkdir -p "$tmp/www"
+chmod 755 "$tmp/www"
+head -c 1024 /dev/urandom | base64 -w 0 | head -c 1024 > "$tmp/www/1k.txt"
+chmod 644 "$tmp/www/1k.txt"
+start_nginx "$tmp/www" "$threads"
+port=$nginx_port
 curl -sf "http://127.0.0.1:$port/1k.txt" -o /dev/null
 
 echo "nginx $(nginx -v 2>&1 | sed 's/.*\///'), 1 KiB file, $conns connections, $threads threads, ${secs}s x $rounds rounds"

@@ -11,43 +11,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-5}; rounds=${2:-3}; model=${3:-reactors}
 workers=$(nproc)
-for t in nginx wrk curl; do
-  if ! command -v "$t" >/dev/null; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light wrk curl >/dev/null
-    break
-  fi
-done
+source benches/lib.sh
+ensure_tools nginx wrk curl
 cargo build --release -q
 socklab=target/release/socklab
-
-tmp=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$tmp"; }
-trap cleanup EXIT
-mkdir -p "$tmp/www" "$tmp/logs"
-chmod 755 "$tmp" "$tmp/www"   # nginx workers do not run as root
+mkdir -p "$tmp/www"
+chmod 755 "$tmp/www"
 head -c 1024 /dev/urandom > "$tmp/www/1k.bin"
 truncate -s 1G "$tmp/www/1g.img"
 chmod 644 "$tmp/www/"*
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-nport=$(free_port)
-cat > "$tmp/nginx.conf" <<CONF
-daemon off;
-worker_processes $workers;
-pid $tmp/nginx.pid;
-error_log $tmp/logs/error.log;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    sendfile on;
-    tcp_nopush on;
-    keepalive_requests 1000000;
-    client_body_temp_path $tmp/body; proxy_temp_path $tmp/proxy; fastcgi_temp_path $tmp/fcgi;
-    uwsgi_temp_path $tmp/uwsgi; scgi_temp_path $tmp/scgi;
-    server { listen 127.0.0.1:$nport; root $tmp/www; }
-}
-CONF
-nginx -c "$tmp/nginx.conf" -p "$tmp" & pids+=($!)
+start_nginx "$tmp/www" "$workers"
+nport=$nginx_port
 start_socklab() { # strategy -> address
   "$socklab" serve http --root "$tmp/www" --model "$model" --workers "$workers" --send "$1" \
     --listen 127.0.0.1:0 --backlog 4096 > "$tmp/socklab-$1.addr" 2>/dev/null &

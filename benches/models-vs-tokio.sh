@@ -10,12 +10,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-3}; rounds=${2:-2}
 workers=$(nproc)
+source benches/lib.sh
 cargo build --release -q
 socklab=target/release/socklab
-tmp=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$tmp"; }
-trap cleanup EXIT
 
 start() { # service model -> address
   "$socklab" serve "$1" --model "$2" --workers "$workers" --listen 127.0.0.1:0 --backlog 4096 \

@@ -259,16 +259,7 @@ s.shutdown(socket.SHUT_WR)
 assert s.recv(1) == b""
 print("ok")
 "#;
-    let out = Command::new("python3")
-        .args(["-c", script, &host, &port])
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(out.stdout, b"ok\n");
+    python_ok(script, &[&host, &port]);
     assert!(srv.stop().0.success());
 }
 

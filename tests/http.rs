@@ -376,16 +376,7 @@ assert out.startswith(b"HTTP/1.1 408"), out
 assert 0.7 < waited < 5, waited
 print("ok")
 "#;
-    let out = Command::new("python3")
-        .args(["-c", script, host, port])
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(out.stdout, b"ok\n");
+    python_ok(script, &[host, port]);
     assert!(srv.stop().0.success());
 }
 
@@ -393,17 +384,7 @@ print("ok")
 fn every_model_and_strategy_serves_the_tree() {
     let (_d, root) = site();
     let data = bytes(3, 300_000);
-    for model in [
-        "iterative",
-        "fork",
-        "prefork",
-        "thread",
-        "pool",
-        "poll",
-        "epoll",
-        "reactors",
-        "tokio",
-    ] {
+    for model in MODELS {
         for send in ["read", "mmap", "sendfile"] {
             let srv = http_server(&root, &["--model", model, "--send", send, "--workers", "2"]);
             // Two requests pipelined on one connection, then close.

@@ -9,18 +9,6 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 use util::*;
 
-const MODELS: [&str; 9] = [
-    "iterative",
-    "fork",
-    "prefork",
-    "thread",
-    "pool",
-    "poll",
-    "epoll",
-    "reactors",
-    "tokio",
-];
-
 #[test]
 fn max_conns_closes_the_extra_connection_and_recovers() {
     for model in [

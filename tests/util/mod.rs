@@ -11,6 +11,35 @@ use std::time::{Duration, Instant};
 /// The socklab binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_socklab");
 
+/// Every server design, by its `--model` name.
+pub const MODELS: [&str; 9] = [
+    "iterative",
+    "fork",
+    "prefork",
+    "thread",
+    "pool",
+    "poll",
+    "epoll",
+    "reactors",
+    "tokio",
+];
+
+/// Run a Python 3 script with arguments; it must succeed and print exactly `ok`.
+pub fn python_ok(script: &str, args: &[&str]) {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("python3 is needed: .ci/run installs it");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, b"ok\n");
+}
+
 /// Default timeout for any socket operation in tests.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(20);
 

@@ -1,0 +1,49 @@
+# What the benchmark scripts share; `source` it from bash. It makes $tmp (removed at exit),
+# kills every pid appended to $pids at exit, and offers:
+#   ensure_tools TOOL...     install nginx/wrk/curl with apt-get if any TOOL is missing
+#   free_port                print a free loopback TCP port
+#   start_nginx ROOT WORKERS start nginx serving ROOT on loopback; sets $nginx_port
+# shellcheck shell=bash
+tmp=$(mktemp -d)
+chmod 755 "$tmp"   # nginx workers do not run as root
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$tmp"; }
+trap cleanup EXIT
+
+ensure_tools() {
+  for t in "$@"; do
+    if ! command -v "$t" >/dev/null; then
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light wrk curl >/dev/null
+      return
+    fi
+  done
+}
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+start_nginx() {
+  local root=$1 workers=$2
+  nginx_port=$(free_port)
+  mkdir -p "$tmp/nginx/logs"
+  cat > "$tmp/nginx/nginx.conf" <<CONF
+daemon off;
+worker_processes $workers;
+pid $tmp/nginx/nginx.pid;
+error_log $tmp/nginx/logs/error.log;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 1000000;
+    client_body_temp_path $tmp/nginx/body; proxy_temp_path $tmp/nginx/proxy; fastcgi_temp_path $tmp/nginx/fcgi;
+    uwsgi_temp_path $tmp/nginx/uwsgi; scgi_temp_path $tmp/nginx/scgi;
+    server { listen 127.0.0.1:$nginx_port; root $root; }
+}
+CONF
+  nginx -c "$tmp/nginx/nginx.conf" -p "$tmp/nginx" &
+  pids+=($!)
+  for _ in $(seq 50); do curl -sf -o /dev/null "http://127.0.0.1:$nginx_port/" -r 0-0 2>/dev/null && break; sleep 0.05; done
+}
