@@ -186,6 +186,21 @@ fn curl_get_head_http10_keepalive_ranges_resume_and_304() {
     );
     assert_eq!(std::fs::read(&partial).unwrap(), bytes(3, 300_000));
 
+    // wget -c resumes the same way.
+    std::fs::write(&partial, &bytes(3, 300_000)[..77_777]).unwrap();
+    let status = Command::new("wget")
+        .args(["-q", "-c", "-O"])
+        .arg(&partial)
+        .arg(format!("{base}/files/data.bin"))
+        .status()
+        .expect("wget is needed: .ci/run installs it");
+    assert!(status.success());
+    assert_eq!(
+        std::fs::read(&partial).unwrap(),
+        bytes(3, 300_000),
+        "wget -c"
+    );
+
     // Conditional requests: 304.
     let out = curl(&["-i", &format!("{base}/files/hello.txt")]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
