@@ -69,6 +69,12 @@ pub enum ProtocolError {
         /// Bytes the request needed (header included), when known.
         expected: usize,
     },
+    /// The peer closed before a request head (HTTP) was complete.
+    #[error("peer closed the connection in the middle of a request head ({got} bytes of it had arrived)")]
+    IncompleteHead {
+        /// Bytes of the head that had arrived.
+        got: usize,
+    },
 }
 
 /// How a service is configured: everything a session needs that is not bytes from the peer.
@@ -177,10 +183,9 @@ impl Session {
     pub fn end_of_input(&mut self) -> Result<(), ProtocolError> {
         match self {
             Session::Reverse(s) => s.end_of_input(),
-            Session::Http(s) if s.mid_request() => Err(ProtocolError::Truncated {
-                got: 0,
-                expected: 0,
-            }),
+            Session::Http(s) if s.mid_request() => {
+                Err(ProtocolError::IncompleteHead { got: s.buffered() })
+            }
             _ => Ok(()),
         }
     }

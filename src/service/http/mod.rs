@@ -225,6 +225,11 @@ impl Http {
         !self.buf.is_empty() || self.skip > 0
     }
 
+    /// Bytes of an unanswered request received so far (for error reports).
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
     /// The time by which the current request head must be complete.
     pub fn deadline(&self) -> Option<Instant> {
         self.started.map(|t| t + self.config.header_timeout)
