@@ -185,3 +185,23 @@ fn sigint_stops_like_sigterm() {
         assert!(status.is_some_and(|s| s.success()), "{model}: {status:?}");
     }
 }
+
+/// `--backlog N` reaches `listen(2)`: the kernel reports a listener's backlog in its send
+/// queue field (what `ss -lt` shows as Send-Q), read here through sock_diag.
+#[test]
+fn backlog_option_sets_the_listen_backlog() {
+    for (model, backlog) in [
+        ("epoll", "7"),
+        ("thread", "33"),
+        ("prefork", "5"),
+        ("reactors", "9"),
+    ] {
+        let srv = Server::tcp("echo", model, &["--backlog", backlog]);
+        let addr: std::net::SocketAddr = srv.addr.parse().unwrap();
+        let listener = socklab::lab::diag::find(addr, None)
+            .expect("sock_diag")
+            .expect("the listener is visible to sock_diag");
+        assert_eq!(listener.send_q.to_string(), backlog, "{model}");
+        assert!(srv.stop().0.success());
+    }
+}
