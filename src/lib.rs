@@ -23,6 +23,7 @@
 #![deny(missing_docs, rust_2018_idioms)]
 
 pub mod bench;
+pub mod bus;
 pub mod cli;
 pub mod client;
 pub mod lab;
