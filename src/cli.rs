@@ -74,7 +74,7 @@ pub fn main() -> ExitCode {
         Command::Serve(args) => crate::server::run(args),
         Command::Client(args) => crate::client::run(args),
         Command::Bench(args) => crate::bench::run(args),
-        Command::Bus(args) => crate::bus::run(args),
+        Command::Bus(args) => crate::bus::run(args, cli.verbose),
         // The lab has its own exit codes: 0 as the course says, 1 the kernel differed,
         // 2 the experiment could not run.
         Command::Lab(args) => return ExitCode::from(crate::lab::run(args, cli.verbose)),

@@ -8,10 +8,13 @@
 //! | [`session`] | one connection's protocol state, sans-IO: bytes in, packets out |
 //! | [`broker`] | the routing core, sans-IO: sessions, retained messages, wills, `$SYS` |
 //! | [`store`] | persistence behind the core (redb), group-committed |
+//! | [`server`] | `bus serve`: the epoll reactors driving the core |
+//! | [`client`] | a blocking client, `bus pub` and `bus sub` |
 //!
 //! See `docs/bus.md` for the protocol notes and the design.
 
 pub mod broker;
+pub mod client;
 pub mod codec;
 pub mod server;
 pub mod session;
@@ -37,6 +40,11 @@ pub enum BusCommand {
     ///
     /// Example: `socklab bus serve --listen 127.0.0.1:0`, `socklab bus serve --data /var/lib/bus`
     Serve(ServeArgs),
+    /// Publish a message (like mosquitto_pub): `socklab bus pub TOPIC MESSAGE [-q 1] [-r]`,
+    /// `... | socklab bus pub TOPIC -l` (a message per line).
+    Pub(client::PubArgs),
+    /// Subscribe and print messages (like mosquitto_sub; `-v` prints topics): `socklab bus sub 'a/#' -v -C 10`.
+    Sub(client::SubArgs),
 }
 
 /// Arguments of `socklab bus serve`.
@@ -85,7 +93,7 @@ pub struct ServeArgs {
 ///
 /// # Errors
 /// User mistakes ([`crate::client::UsageError`], [`crate::net::NetError`]) and failures.
-pub fn run(args: &BusArgs) -> anyhow::Result<()> {
+pub fn run(args: &BusArgs, verbose: u8) -> anyhow::Result<()> {
     match &args.command {
         BusCommand::Serve(a) => {
             let cfg = server::ServeConfig {
@@ -111,5 +119,7 @@ pub fn run(args: &BusArgs) -> anyhow::Result<()> {
             };
             server::run(cfg)
         }
+        BusCommand::Pub(a) => client::run_pub(a),
+        BusCommand::Sub(a) => client::run_sub(a, verbose > 0),
     }
 }
