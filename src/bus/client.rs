@@ -130,7 +130,11 @@ impl Client {
         (&self.sock).write_all(b)
     }
 
-    fn send(&mut self, p: &v5::Packet) -> io::Result<()> {
+    /// Encode and send one packet.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn send(&mut self, p: &v5::Packet) -> io::Result<()> {
         let mut out = Vec::new();
         match (self.version, p) {
             (Version::V5, _) => out.extend_from_slice(p.encode().map_err(proto_err)?.as_ref()),

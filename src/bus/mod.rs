@@ -10,9 +10,11 @@
 //! | [`store`] | persistence behind the core (redb), group-committed |
 //! | [`server`] | `bus serve`: the epoll reactors driving the core |
 //! | [`client`] | a blocking client, `bus pub` and `bus sub` |
+//! | [`bench`](mod@bench) | `bus bench`: verified load against any broker |
 //!
 //! See `docs/bus.md` for the protocol notes and the design.
 
+pub mod bench;
 pub mod broker;
 pub mod client;
 pub mod codec;
@@ -45,6 +47,9 @@ pub enum BusCommand {
     Pub(client::PubArgs),
     /// Subscribe and print messages (like mosquitto_sub; `-v` prints topics): `socklab bus sub 'a/#' -v -C 10`.
     Sub(client::SubArgs),
+    /// Load any MQTT broker, verify every message: `socklab bus bench 127.0.0.1:1883
+    /// --scenario fanout -n 100 -q 1 -d 10s`.
+    Bench(bench::BenchArgs),
 }
 
 /// Arguments of `socklab bus serve`.
@@ -121,5 +126,6 @@ pub fn run(args: &BusArgs, verbose: u8) -> anyhow::Result<()> {
         }
         BusCommand::Pub(a) => client::run_pub(a),
         BusCommand::Sub(a) => client::run_sub(a, verbose > 0),
+        BusCommand::Bench(a) => bench::run(a),
     }
 }

@@ -87,7 +87,11 @@ impl LoopShared {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .append(items);
-        // One eventfd write per batch, and none while a wake-up is already pending.
+        self.wake();
+    }
+
+    /// One eventfd write per batch, and none while a wake-up is already pending.
+    fn wake(&self) {
         if !self.pending_wake.swap(true, Ordering::AcqRel) {
             let _ = self.wake.write(1);
         }
@@ -108,6 +112,42 @@ fn loop_of(id: ConnId) -> usize {
 }
 
 impl Shared {
+    /// Under the broker lock: our loop's outputs to `mine`, the others' appended to their
+    /// inboxes (a `Vec` append each), noting which loops to wake once the lock is released.
+    fn append(
+        &self,
+        outs: Vec<(ConnId, Out)>,
+        own: usize,
+        mine: &mut Vec<(ConnId, Out)>,
+        wake: &mut Vec<usize>,
+    ) {
+        if outs.is_empty() {
+            return;
+        }
+        let n = self.loops.len();
+        let mut per: Vec<Vec<(ConnId, Out)>> = (0..n).map(|_| Vec::new()).collect();
+        for (id, o) in outs {
+            let l = loop_of(id);
+            if l == own {
+                mine.push((id, o));
+            } else if l < n {
+                per[l].push((id, o));
+            }
+        }
+        for (l, mut items) in per.into_iter().enumerate() {
+            if !items.is_empty() {
+                self.loops[l]
+                    .inbox
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .append(&mut items);
+                if !wake.contains(&l) {
+                    wake.push(l);
+                }
+            }
+        }
+    }
+
     /// Hand outputs to the loops they belong to (`own`'s are returned for direct use).
     fn dispatch(
         &self,
@@ -635,8 +675,19 @@ impl Loop<'_> {
         }
         let events = std::mem::take(&mut self.events);
         let closed = std::mem::take(&mut self.closed);
-        let (outs, gated, ops) = {
+        let mut mine = Vec::new();
+        let mut wake = Vec::new();
+        {
             let mut b = self.shared.broker.lock().unwrap_or_else(|e| e.into_inner());
+            // What other loops routed to our connections before this round goes first: the
+            // broker lock orders every delivery, and each connection's outputs are applied
+            // in that order.
+            mine.append(
+                &mut self.shared.loops[self.index]
+                    .inbox
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()),
+            );
             for (id, ev) in events {
                 match ev {
                     Inbound::Connect(version, connect) => {
@@ -678,15 +729,14 @@ impl Loop<'_> {
                     // Sent under the broker lock so the store sees changes in their order.
                     let _ = store.send((ops, gated));
                 }
-                (outs, Vec::new(), Vec::new())
             } else {
-                (outs, gated, ops)
+                self.shared.append(gated, self.index, &mut mine, &mut wake);
             }
-        };
-        drop(ops);
-        let mut mine = Vec::new();
-        self.shared.dispatch(outs, Some(self.index), &mut mine);
-        self.shared.dispatch(gated, Some(self.index), &mut mine);
+            self.shared.append(outs, self.index, &mut mine, &mut wake);
+        }
+        for l in wake {
+            self.shared.loops[l].wake();
+        }
         self.apply(mine);
     }
 
