@@ -598,6 +598,16 @@ impl Loop<'_> {
                     if !c.session.out.is_empty() {
                         self.dirty.push(t);
                     }
+                    // CONNECT replaces the connect timeout by the keep-alive deadline, which
+                    // may be earlier: queue it (later ones are re-armed lazily).
+                    if let Some(d) = c.session.deadline() {
+                        if c.deadline.is_none_or(|q| d < q) {
+                            if let Some(old) = c.deadline.replace(d) {
+                                self.timers.remove(old, (old, t));
+                            }
+                            self.timers.insert(d, (d, t));
+                        }
+                    }
                     if let Err(v) = r {
                         tracing::info!(peer = %c.peer, reason = ?v.reason, "protocol violation: {}", v.message);
                         c.session.violation(&v);
