@@ -747,6 +747,10 @@ fn a_subscriber_that_never_reads_beside_fast_ones() {
     );
 }
 
+/// A malformed-input case: name, CONNECT to send first (if any), the bytes, and the 5.0
+/// DISCONNECT reason expected (`None`: the connection is just closed).
+type Case<'a> = (&'a str, Option<&'a Vec<u8>>, Vec<u8>, Option<u8>);
+
 /// Malformed and forbidden input: each case is sent on a fresh connection (after a valid
 /// CONNECT when `connected`), and the broker must close it -- with a DISCONNECT carrying
 /// `reason` for 5.0 -- and keep serving everyone else.
@@ -756,7 +760,7 @@ fn malformed_packets_are_refused_and_the_broker_keeps_serving() {
     let v5 = vec![0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 5, 2, 0, 10, 0, 0, 0];
     let v3 = vec![0x10, 12, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 10, 0, 0];
     // (name, connect first (None: raw), bytes, expected reason for 5.0 (None: just closed))
-    let cases: Vec<(&str, Option<&Vec<u8>>, Vec<u8>, Option<u8>)> = vec![
+    let cases: Vec<Case<'_>> = vec![
         (
             "publish before connect",
             None,

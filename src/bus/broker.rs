@@ -151,11 +151,15 @@ pub struct Delivery {
     pub sub_ids: Vec<u32>,
 }
 
+fn pkt(p: v5::Packet) -> Out {
+    Out::Packet(Box::new(p))
+}
+
 /// What the broker asks of a connection.
 #[derive(Debug)]
 pub enum Out {
-    /// Send this control packet.
-    Packet(v5::Packet),
+    /// Send this control packet (boxed: most outputs are deliveries, which are small).
+    Packet(Box<v5::Packet>),
     /// Send this PUBLISH.
     Publish(Delivery),
     /// Close the connection (after a DISCONNECT with this reason, for 5.0).
@@ -318,9 +322,9 @@ impl Broker {
 
     fn ack(&mut self, conn: ConnId, p: v5::Packet) {
         if self.cfg.durable {
-            self.gated.push((conn, Out::Packet(p)));
+            self.gated.push((conn, pkt(p)));
         } else {
-            self.out.push((conn, Out::Packet(p)));
+            self.out.push((conn, pkt(p)));
         }
     }
 
@@ -455,7 +459,7 @@ impl Broker {
         let refuse = |b: &mut Broker, code: Crc| {
             b.send(
                 conn,
-                Out::Packet(v5::Packet::Connack(v5::Connack::new(false, code))),
+                pkt(v5::Packet::Connack(v5::Connack::new(false, code))),
             );
             b.send(conn, Out::Close(None));
         };
@@ -572,7 +576,7 @@ impl Broker {
                 p.response_info = Some(format!("socklab/response/{id}").into());
             }
         }
-        self.send(conn, Out::Packet(v5::Packet::Connack(ack)));
+        self.send(conn, pkt(v5::Packet::Connack(ack)));
         if present {
             self.resume(ix, now);
         }
@@ -597,7 +601,7 @@ impl Broker {
                     retain: f.p.retain,
                     sub_ids: f.p.sub_ids.clone(),
                 }),
-                Flight::Released => Out::Packet(v5::Packet::Pubrel(v5::Pubrel::new_success(
+                Flight::Released => pkt(v5::Packet::Pubrel(v5::Pubrel::new_success(
                     Pid::try_from(f.pid).expect("nonzero"),
                 ))),
             });
@@ -897,7 +901,7 @@ impl Broker {
                 }
                 self.send(
                     conn,
-                    Out::Packet(v5::Packet::Pubrel(v5::Pubrel::new_success(r.pid))),
+                    pkt(v5::Packet::Pubrel(v5::Pubrel::new_success(r.pid))),
                 );
             }
             v5::Packet::Pubcomp(c) => self.on_done(ix, c.pid.value(), false, now),
@@ -938,7 +942,7 @@ impl Broker {
                 }
                 self.send(
                     conn,
-                    Out::Packet(v5::Packet::Unsuback(v5::Unsuback::new(u.pid, codes))),
+                    pkt(v5::Packet::Unsuback(v5::Unsuback::new(u.pid, codes))),
                 );
             }
             v5::Packet::Disconnect(d) => {
@@ -1081,10 +1085,7 @@ impl Broker {
         if cl.persistent() {
             self.ops.push(StoreOp::Session(cl.record()));
         }
-        self.send(
-            conn,
-            Out::Packet(v5::Packet::Suback(v5::Suback::new(s.pid, codes))),
-        );
+        self.send(conn, pkt(v5::Packet::Suback(v5::Suback::new(s.pid, codes))));
         for (m, o) in retained_out {
             let qos = o.qos.min(m.qos as u8);
             // Retained messages sent because of a new subscription keep RETAIN set.
@@ -1334,7 +1335,9 @@ mod tests {
         let acks = b
             .out
             .iter()
-            .filter(|(c, o)| *c == 2 && matches!(o, Out::Packet(v5::Packet::Puback(_))))
+            .filter(|(c, o)| {
+                *c == 2 && matches!(o, Out::Packet(p) if matches!(**p, v5::Packet::Puback(_)))
+            })
             .count();
         assert_eq!(acks, 3);
         let sent = publishes(&mut b, 1);
@@ -1380,7 +1383,10 @@ mod tests {
         b.out.clear();
         connect(&mut b, 3, "s", Version::V311, false, None);
         let connack = b.out.iter().find_map(|(_, o)| match o {
-            Out::Packet(v5::Packet::Connack(c)) => Some(c.session_present),
+            Out::Packet(p) => match &**p {
+                v5::Packet::Connack(c) => Some(c.session_present),
+                _ => None,
+            },
             _ => None,
         });
         assert_eq!(connack, Some(true));

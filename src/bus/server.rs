@@ -72,6 +72,9 @@ pub struct ServeConfig {
     pub broker: BrokerConfig,
 }
 
+/// Changes for the store, with the acknowledgements to release once they are durable.
+type StoreBatch = (Vec<StoreOp>, Vec<(ConnId, Out)>);
+
 struct LoopShared {
     inbox: Mutex<Vec<(ConnId, Out)>>,
     wake: EventFd,
@@ -102,7 +105,7 @@ struct Shared {
     broker: Mutex<Broker>,
     stats: Arc<super::broker::Stats>,
     loops: Vec<LoopShared>,
-    store: Option<mpsc::Sender<(Vec<StoreOp>, Vec<(ConnId, Out)>)>>,
+    store: Option<mpsc::Sender<StoreBatch>>,
     active: AtomicUsize,
     cfg: ServeConfig,
 }
@@ -337,11 +340,7 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
 
 /// The store thread: commit everything that arrived while the previous commit ran in one
 /// transaction (group commit), then release the acknowledgements that waited for it.
-fn store_loop(
-    store: Store,
-    rx: mpsc::Receiver<(Vec<StoreOp>, Vec<(ConnId, Out)>)>,
-    shared: &Arc<Shared>,
-) {
+fn store_loop(store: Store, rx: mpsc::Receiver<StoreBatch>, shared: &Arc<Shared>) {
     let mut ops = Vec::new();
     let mut acks = Vec::new();
     while let Ok((o, a)) = rx.recv() {

@@ -38,8 +38,10 @@ impl Default for SessionConfig {
     }
 }
 
-/// What a session hands the broker.
+/// What a session hands the broker. (Not boxed: nearly every value is a packet, and boxing
+/// would cost an allocation per PUBLISH.)
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
 pub enum Inbound {
     /// The client's CONNECT (lifted to 5.0), with the version it spoke.
     Connect(Version, Box<v5::Connect>),
