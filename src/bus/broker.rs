@@ -130,8 +130,6 @@ pub struct Stats {
     pub msgs_out: AtomicU64,
     /// Messages dropped (queue caps, slow subscribers, expiry).
     pub dropped: AtomicU64,
-    /// Connections open now.
-    pub connections: AtomicU64,
 }
 
 /// One delivery of a message to a connection.
@@ -267,10 +265,6 @@ pub struct Broker {
     pub gated: Vec<(ConnId, Out)>,
     /// Changes for the store.
     pub ops: Vec<StoreOp>,
-}
-
-fn now_secs_left(at: Option<Instant>, now: Instant) -> Option<u32> {
-    at.map(|e| e.saturating_duration_since(now).as_secs() as u32)
 }
 
 impl Broker {
@@ -496,7 +490,6 @@ impl Broker {
             if let Some(old) = old_conn {
                 self.conns.remove(&old);
                 self.send(old, Out::Close(Some(Drc::SessionTakenOver)));
-                self.stats.connections.fetch_sub(0, Ordering::Relaxed);
                 // The old connection ended without DISCONNECT: its will goes out, unless a
                 // will delay lets the resumed session cancel it.
                 let cl = self.clients.get_mut(ix).expect("present");
@@ -1234,11 +1227,10 @@ impl Broker {
         }
     }
 
-    /// Expiry intervals left of a persistent session's queue, for tests.
+    /// A session's messages in flight and queued (for tests and diagnostics).
     pub fn queue_len(&self, client: &str) -> Option<(usize, usize)> {
         let ix = *self.by_id.get(client)?;
         let c = self.clients.iter().find(|(i, _)| *i == ix)?.1;
-        let _ = now_secs_left(None, Instant::now());
         Some((c.inflight.len(), c.queue.len()))
     }
 
