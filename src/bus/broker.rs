@@ -19,6 +19,7 @@
 //! says the batch is durable.
 
 use super::codec::{Message, Version};
+use super::dbus::{self, Bus};
 use super::store::{Record, StoreOp, StoredMsg};
 use super::topic::{parse_filter, ClientIx, Matches, SubOpts, Trie};
 use crate::model::evloop::Slab;
@@ -57,6 +58,24 @@ pub trait Authorizer: Send + Sync + std::fmt::Debug {
     fn publish(&self, who: &Identity, topic: &str) -> bool;
     /// May it subscribe to `filter`?
     fn subscribe(&self, who: &Identity, filter: &str) -> bool;
+    /// May it own (or wait in the queue for) the well-known bus name `name`? Asked by
+    /// `RequestName` before the registry changes (the D-Bus half, [`super::dbus`]).
+    fn own(&self, who: &Identity, name: &str) -> bool {
+        let _ = (who, name);
+        true
+    }
+    /// May it call `member` (of `interface`, if given) on the bus name `destination`?
+    /// Asked before the call is routed; `Ping` and `Introspect` are always answered.
+    fn call(
+        &self,
+        who: &Identity,
+        destination: &str,
+        interface: Option<&str>,
+        member: &str,
+    ) -> bool {
+        let _ = (who, destination, interface, member);
+        true
+    }
 }
 
 /// Everyone may do everything (the default, as with mosquitto without a password file).
@@ -98,6 +117,8 @@ pub struct BrokerConfig {
     pub sys_interval: Duration,
     /// Whether acknowledgements wait for the store.
     pub durable: bool,
+    /// Limits of the D-Bus half (names, rules, calls waiting for replies).
+    pub bus: super::dbus::BusConfig,
 }
 
 impl Default for BrokerConfig {
@@ -113,6 +134,7 @@ impl Default for BrokerConfig {
             max_keep_alive: None,
             sys_interval: Duration::from_secs(10),
             durable: false,
+            bus: Default::default(),
         }
     }
 }
@@ -265,6 +287,8 @@ pub struct Broker {
     pub gated: Vec<(ConnId, Out)>,
     /// Changes for the store.
     pub ops: Vec<StoreOp>,
+    /// The D-Bus half: unique and well-known names, calls, match rules, monitors.
+    dbus: Bus,
 }
 
 impl Broker {
@@ -272,6 +296,7 @@ impl Broker {
     pub fn new(cfg: BrokerConfig, auth: Arc<dyn Authorizer>, now: Instant) -> Broker {
         Broker {
             next_sys: now,
+            dbus: Bus::new(cfg.bus.clone(), auth.clone()),
             cfg,
             auth,
             clients: Slab::new(),
@@ -308,6 +333,36 @@ impl Broker {
     /// Bytes queued for all clients.
     pub fn queued_bytes(&self) -> usize {
         self.total_queued
+    }
+
+    /// The D-Bus half (names, calls, rules), for queries and tests.
+    pub fn bus(&self) -> &Bus {
+        &self.dbus
+    }
+
+    /// When the earliest method call waiting for a reply times out.
+    pub fn next_call_deadline(&self) -> Option<Instant> {
+        self.dbus.next_deadline()
+    }
+
+    /// Deliver what the D-Bus half produced, each to one connection's session.
+    fn flush_bus(&mut self, now: Instant) {
+        if self.dbus.out.is_empty() {
+            return;
+        }
+        for s in std::mem::take(&mut self.dbus.out) {
+            if let Some(&ix) = self.conns.get(&s.to) {
+                self.deliver(ix, s.msg, s.qos, false, Vec::new(), now);
+            }
+        }
+    }
+
+    /// Method calls whose timeout passed fail with `NoReply` (any loop may call this).
+    pub fn expire_calls(&mut self, now: Instant) {
+        if self.dbus.next_deadline().is_some_and(|d| d <= now) {
+            self.dbus.expire(now);
+            self.flush_bus(now);
+        }
     }
 
     fn send(&mut self, conn: ConnId, out: Out) {
@@ -489,6 +544,8 @@ impl Broker {
             let old_conn = self.clients.get_mut(ix).and_then(|cl| cl.conn.take());
             if let Some(old) = old_conn {
                 self.conns.remove(&old);
+                self.dbus.disconnected(old);
+                self.flush_bus(now);
                 self.send(old, Out::Close(Some(Drc::SessionTakenOver)));
                 // The old connection ended without DISCONNECT: its will goes out, unless a
                 // will delay lets the resumed session cancel it.
@@ -546,6 +603,7 @@ impl Broker {
         let persistent = cl.persistent();
         let record = cl.record();
         self.conns.insert(conn, ix);
+        let unique = self.dbus.connected(conn);
         if persistent {
             self.ops.push(StoreOp::Session(record));
         }
@@ -568,8 +626,14 @@ impl Broker {
             if c.properties.request_response_info == Some(true) {
                 p.response_info = Some(format!("socklab/response/{id}").into());
             }
+            p.user_properties.push(v5::UserProperty {
+                name: dbus::prop::UNIQUE_NAME.into(),
+                value: unique,
+            });
         }
         self.send(conn, pkt(v5::Packet::Connack(ack)));
+        // NameOwnerChanged for the new unique name, after the CONNACK.
+        self.flush_bus(now);
         if present {
             self.resume(ix, now);
         }
@@ -979,10 +1043,20 @@ impl Broker {
         if !allowed {
             tracing::info!(client = %cl.id, topic = %&*p.topic_name, "publish denied");
         }
-        if allowed {
+        if allowed && p.topic_name.starts_with(dbus::PREFIX) {
+            // The D-Bus half: calls, replies, signals; never routed through the trie.
+            let msg = Message::from_publish(&p, Arc::from(&*p.topic_name), now);
+            let who = self.clients.get_mut(ix).expect("present").identity.clone();
+            self.dbus.publish(conn, &who, &msg, now);
+            self.flush_bus(now);
+        } else if allowed {
             let msg = Arc::new(Message::from_publish(&p, Arc::from(&*p.topic_name), now));
             if msg.retain {
                 self.set_retained(msg.clone());
+            }
+            if self.dbus.has_monitors() {
+                self.dbus.observe(Some(conn), &msg);
+                self.flush_bus(now);
             }
             self.route(msg, Some(ix), now);
         }
@@ -1041,6 +1115,12 @@ impl Broker {
                 codes.push(v5::SubscribeReasonCode::NotAuthorized);
                 continue;
             }
+            if pf.filter.starts_with(dbus::PREFIX) {
+                // $bus/ messages go to a name's owner or match rules, never to subscribers.
+                tracing::info!(client = %cl.id, filter = text, "subscription to $bus/ refused: use AddMatch");
+                codes.push(v5::SubscribeReasonCode::TopicFilterInvalid);
+                continue;
+            }
             if pf.group.is_some() && o.no_local {
                 codes.push(v5::SubscribeReasonCode::TopicFilterInvalid);
                 continue;
@@ -1092,6 +1172,9 @@ impl Broker {
         let Some(ix) = self.conns.remove(&conn) else {
             return;
         };
+        // Calls it was to answer fail at once (NoReply); its names pass on.
+        self.dbus.disconnected(conn);
+        self.flush_bus(now);
         let Some(cl) = self.clients.get_mut(ix) else {
             return;
         };
@@ -1159,7 +1242,9 @@ impl Broker {
             self.publish_sys(now);
             self.next_sys = now + self.cfg.sys_interval;
         }
-        self.next_sys.min(now + Duration::from_secs(1))
+        self.expire_calls(now);
+        let next = self.next_sys.min(now + Duration::from_secs(1));
+        self.dbus.next_deadline().map_or(next, |d| d.min(next))
     }
 
     fn publish_sys(&mut self, now: Instant) {

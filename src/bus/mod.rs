@@ -7,6 +7,9 @@
 //! | [`topic`] | the subscription trie (`+`, `#`, `$` topics, `$share/GROUP/FILTER`) |
 //! | [`session`] | one connection's protocol state, sans-IO: bytes in, packets out |
 //! | [`broker`] | the routing core, sans-IO: sessions, retained messages, wills, `$SYS` |
+//! | [`dbus`] | the D-Bus half, sans-IO: unique names, the bus driver, calls routed to a name's owner, replies, signals, monitors |
+//! | [`names`] | the well-known name registry: owners, queues, D-Bus's ownership rules |
+//! | [`rules`] | D-Bus match rules: parsing and matching |
 //! | [`store`] | persistence behind the core (redb), group-committed |
 //! | [`server`] | `bus serve`: the epoll reactors driving the core |
 //! | [`client`] | a blocking client, `bus pub` and `bus sub` |
@@ -18,6 +21,9 @@ pub mod bench;
 pub mod broker;
 pub mod client;
 pub mod codec;
+pub mod dbus;
+pub mod names;
+pub mod rules;
 pub mod server;
 pub mod session;
 pub mod store;
