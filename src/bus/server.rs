@@ -37,7 +37,7 @@ use socket2::Socket;
 use std::io::{self, Write as _};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -108,6 +108,31 @@ struct Shared {
     store: Option<mpsc::Sender<StoreBatch>>,
     active: AtomicUsize,
     cfg: ServeConfig,
+    /// When the earliest method call times out (nanoseconds after `epoch`, `u64::MAX`:
+    /// none); loop 0 wakes for it, and is woken when a loop adds an earlier one.
+    call_deadline: AtomicU64,
+    epoch: Instant,
+}
+
+impl Shared {
+    fn call_deadline(&self) -> Option<Instant> {
+        match self.call_deadline.load(Ordering::Acquire) {
+            u64::MAX => None,
+            n => Some(self.epoch + Duration::from_nanos(n)),
+        }
+    }
+
+    /// Under the broker lock: publish its earliest call deadline; true if it moved earlier
+    /// (loop 0 must wake to keep it).
+    fn set_call_deadline(&self, d: Option<Instant>) -> bool {
+        let n = d.map_or(u64::MAX, |d| {
+            d.saturating_duration_since(self.epoch)
+                .as_nanos()
+                .min(u64::MAX as u128 - 1) as u64
+        });
+        let old = self.call_deadline.swap(n, Ordering::AcqRel);
+        n < old
+    }
 }
 
 fn loop_of(id: ConnId) -> usize {
@@ -279,6 +304,8 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         store: store_tx,
         active: AtomicUsize::new(0),
         cfg: cfg.clone(),
+        call_deadline: AtomicU64::new(u64::MAX),
+        epoch: Instant::now(),
     });
     {
         let mut out = io::stdout().lock();
@@ -426,7 +453,10 @@ fn event_loop(
         let now = Instant::now();
         let mut timeout = lp.timers.timeout(now);
         if index == 0 {
-            let t = next_tick.saturating_duration_since(now);
+            let wake = shared
+                .call_deadline()
+                .map_or(next_tick, |d| d.min(next_tick));
+            let t = wake.saturating_duration_since(now);
             timeout = Some(timeout.map_or(t, |x| x.min(t)));
         }
         if !lp.stalled.is_empty() {
@@ -490,7 +520,8 @@ fn event_loop(
             lp.read(t, now);
         }
         lp.expire(now);
-        let tick = index == 0 && now >= next_tick;
+        let tick = index == 0
+            && (now >= next_tick || shared.call_deadline().is_some_and(|d| now >= d));
         lp.route(now, tick, &mut next_tick);
         lp.take_inbox();
         lp.flush_dirty();
@@ -729,6 +760,9 @@ impl Loop<'_> {
             }
             if tick {
                 *next_tick = b.tick(now);
+            }
+            if self.shared.set_call_deadline(b.next_call_deadline()) && self.index != 0 {
+                wake.push(0);
             }
             let ops = std::mem::take(&mut b.ops);
             let gated = std::mem::take(&mut b.gated);
