@@ -11,6 +11,7 @@ use bytes::Bytes;
 use mqtt_proto::{v3, v5, Pid, QoS, QosPid, TopicFilter, TopicName};
 use socket2::Socket;
 use std::io::{self, BufRead, Read, Write};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Where the bus is: `--bus`, else `$SOCKLAB_BUS`, else 127.0.0.1:1883.
@@ -67,6 +68,8 @@ impl Default for ConnectOptions {
 #[derive(Debug)]
 pub struct Client {
     sock: Socket,
+    /// Serializes writes with the [`Writer`]s of other threads.
+    wlock: Arc<Mutex<()>>,
     version: Version,
     buf: Vec<u8>,
     next_pid: u16,
@@ -90,6 +93,7 @@ impl Client {
         let sock = crate::net::connect(endpoint)?;
         let mut c = Client {
             sock,
+            wlock: Arc::new(Mutex::new(())),
             version: o.version,
             buf: Vec::new(),
             next_pid: 0,
@@ -127,7 +131,20 @@ impl Client {
     }
 
     fn write(&mut self, b: &[u8]) -> io::Result<()> {
+        let _g = self.wlock.lock().unwrap_or_else(|e| e.into_inner());
         (&self.sock).write_all(b)
+    }
+
+    /// A handle that sends on this connection from another thread (5.0 only), its writes
+    /// never interleaved with this client's.
+    ///
+    /// # Errors
+    /// The socket could not be duplicated.
+    pub fn writer(&self) -> io::Result<Writer> {
+        Ok(Writer {
+            sock: self.sock.try_clone()?,
+            wlock: self.wlock.clone(),
+        })
     }
 
     /// Encode and send one packet.
@@ -388,6 +405,25 @@ impl Client {
         self.send(&v5::Packet::Disconnect(v5::Disconnect::new_normal()))?;
         let _ = self.sock.shutdown(std::net::Shutdown::Write);
         Ok(())
+    }
+}
+
+/// Sends packets on a [`Client`]'s connection from another thread (MQTT 5.0).
+#[derive(Debug)]
+pub struct Writer {
+    sock: Socket,
+    wlock: Arc<Mutex<()>>,
+}
+
+impl Writer {
+    /// Encode and send one packet.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn send(&self, p: &v5::Packet) -> io::Result<()> {
+        let bytes = p.encode().map_err(proto_err)?;
+        let _g = self.wlock.lock().unwrap_or_else(|e| e.into_inner());
+        (&self.sock).write_all(bytes.as_ref())
     }
 }
 
