@@ -13,6 +13,8 @@
 //! | [`store`] | persistence behind the core (redb), group-committed |
 //! | [`server`] | `bus serve`: the epoll reactors driving the core |
 //! | [`client`] | a blocking client, `bus pub` and `bus sub` |
+//! | [`peer`] | the Rust API of the D-Bus half: call, own and serve names, signals, monitor |
+//! | [`tools`] | `bus names`, `bus call`, `bus own -- COMMAND`, `bus emit`, `bus listen`, `bus monitor` |
 //! | [`bench`](mod@bench) | `bus bench`: verified load against any broker |
 //!
 //! See `docs/bus.md` for the protocol notes and the design.
@@ -23,10 +25,12 @@ pub mod client;
 pub mod codec;
 pub mod dbus;
 pub mod names;
+pub mod peer;
 pub mod rules;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod tools;
 pub mod topic;
 
 use crate::units::{parse_duration, parse_size};
@@ -56,6 +60,20 @@ pub enum BusCommand {
     /// Load any MQTT broker, verify every message: `socklab bus bench 127.0.0.1:1883
     /// --scenario fanout -n 100 -q 1 -d 10s`.
     Bench(bench::BenchArgs),
+    /// List every name on the bus with its owner and queue (like D-Bus's ListNames).
+    Names(tools::NamesArgs),
+    /// Call a method on a name's owner and print the reply:
+    /// `socklab bus call com.example.Calc Add 2 3 -j --timeout 5s`.
+    Call(tools::CallArgs),
+    /// Own a name and answer its calls by running a command (arguments in, stdout the reply,
+    /// non-zero exit an error): `socklab bus own com.example.Date -- date`.
+    Own(tools::OwnArgs),
+    /// Emit a signal: `socklab bus emit /net/eth0 net.Link Changed eth0 up`.
+    Emit(tools::EmitArgs),
+    /// Print signals selected by match rules: `socklab bus listen "interface='net.Link'"`.
+    Listen(tools::ListenArgs),
+    /// Print every message crossing the bus, like dbus-monitor: `socklab bus monitor`.
+    Monitor(tools::ListenArgs),
 }
 
 /// Arguments of `socklab bus serve`.
@@ -133,5 +151,11 @@ pub fn run(args: &BusArgs, verbose: u8) -> anyhow::Result<()> {
         BusCommand::Pub(a) => client::run_pub(a),
         BusCommand::Sub(a) => client::run_sub(a, verbose > 0),
         BusCommand::Bench(a) => bench::run(a),
+        BusCommand::Names(a) => tools::run_names(a),
+        BusCommand::Call(a) => tools::run_call(a),
+        BusCommand::Own(a) => tools::run_own(a),
+        BusCommand::Emit(a) => tools::run_emit(a),
+        BusCommand::Listen(a) => tools::run_listen(a),
+        BusCommand::Monitor(a) => tools::run_monitor(a),
     }
 }
