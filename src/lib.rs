@@ -20,11 +20,15 @@
 //! - [`units`]: durations and sizes on the command line.
 //! - [`lab`]: the course's socket experiments against the live kernel.
 //! - [`bench`](mod@bench): the load generator and the side-by-side comparison of every design.
+//! - [`ipc`]: every IPC mechanism of the course (pipes, FIFOs, socketpairs, Unix/TCP/UDP
+//!   sockets, POSIX and SysV queues, a shared-memory ring with five wake-ups) measured side by
+//!   side with every message verified, and the producer/consumer problem the course's ways.
 #![deny(missing_docs, rust_2018_idioms)]
 
 pub mod bench;
 pub mod cli;
 pub mod client;
+pub mod ipc;
 pub mod lab;
 pub mod model;
 pub mod net;
