@@ -18,11 +18,17 @@
 #[deny(unsafe_code)]
 pub mod channel;
 #[deny(unsafe_code)]
+pub mod chart;
+#[deny(unsafe_code)]
+pub mod compare;
+#[deny(unsafe_code)]
 pub mod measure;
 #[deny(unsafe_code)]
 pub mod mech;
 #[deny(unsafe_code)]
 pub mod message;
+#[deny(unsafe_code)]
+pub mod pc;
 #[deny(unsafe_code)]
 pub mod report;
 #[deny(unsafe_code)]
@@ -44,6 +50,9 @@ use std::time::Duration;
 #[derive(Debug, Clone, clap::Args)]
 #[command(args_conflicts_with_subcommands = true)]
 pub struct IpcArgs {
+    /// `producer-consumer`: the bounded buffer.
+    #[command(subcommand)]
+    pub task: Option<IpcTask>,
     /// The mechanism to measure (not with --compare).
     pub mechanism: Option<Mechanism>,
     /// Payload bytes per message (every message adds a 16-byte header).
@@ -90,6 +99,15 @@ pub struct IpcArgs {
     pub fault: Option<Fault>,
 }
 
+/// The subcommands of `socklab ipc`.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum IpcTask {
+    /// The bounded buffer with P producers and C consumers, solved the course's ways.
+    ///
+    /// Example: `socklab ipc producer-consumer --impl condvar --producers 4 --consumers 4`
+    ProducerConsumer(pc::PcArgs),
+}
+
 /// Run `socklab ipc`.
 ///
 /// # Errors
@@ -97,7 +115,20 @@ pub struct IpcArgs {
 /// system call.
 pub fn run(args: &IpcArgs) -> anyhow::Result<()> {
     sys::install_handlers()?;
-    let result = single(args);
+    let result = match &args.task {
+        Some(IpcTask::ProducerConsumer(pc_args)) => pc::run(pc_args),
+        None if args.compare => {
+            if args.mechanism.is_some() {
+                return Err(UsageError(
+                    "--compare measures every mechanism: give no MECHANISM (use --mechanisms a,b)"
+                        .into(),
+                )
+                .into());
+            }
+            compare::run(args)
+        }
+        None => single(args),
+    };
     // A size a mechanism cannot carry is the user's to change: exit 2.
     result.map_err(|e| match e.downcast_ref::<LimitError>() {
         Some(l) => UsageError(l.0.clone()).into(),

@@ -20,7 +20,27 @@ impl Queue {
     fn get(&self) -> &MqdT {
         self.0.as_ref().expect("open until dropped")
     }
+
+    /// `mq_send` one message (priority 0), waiting while the queue is full.
+    ///
+    /// # Errors
+    /// The errno; `EINTR` as Interrupted.
+    pub fn send(&self, msg: &[u8]) -> io::Result<()> {
+        mq_send(self.get(), msg, 0).map_err(errno)
+    }
+
+    /// `mq_receive` the oldest message into `buf` (at least the queue's message size).
+    ///
+    /// # Errors
+    /// The errno; `EINTR` as Interrupted.
+    pub fn receive(&self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut prio = 0;
+        mq_receive(self.get(), buf, &mut prio).map_err(errno)
+    }
 }
+
+// A queue descriptor may be used by several threads at once (the producer/consumer buffer
+// does): mq_send and mq_receive are system calls the kernel serialises.
 
 impl Drop for Queue {
     fn drop(&mut self) {
@@ -99,12 +119,11 @@ pub struct MqEnd {
 
 impl End for MqEnd {
     fn send(&mut self, msg: &[u8]) -> io::Result<()> {
-        mq_send(self.tx.get(), msg, 0).map_err(errno)
+        self.tx.send(msg)
     }
 
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let mut prio = 0;
-        mq_receive(self.rx.get(), buf, &mut prio).map_err(errno)
+        self.rx.receive(buf)
     }
 }
 

@@ -106,7 +106,10 @@ struct Shape {
 impl Shape {
     fn for_len(len: usize) -> Shape {
         let slot = (4 + len).div_ceil(64) * 64;
-        let count = ((4 << 20) / slot).clamp(4, 1024) as u32;
+        // A power of two, so a counter finds its slot with a mask, not a division.
+        let count = (((4 << 20) / slot).clamp(4, 1024) as u32)
+            .next_power_of_two()
+            .min(1024);
         Shape { slot, count }
     }
 }
@@ -119,6 +122,11 @@ pub struct ShmEnd {
     shape: Shape,
     tx: Ring,
     rx: Ring,
+    /// The consumer's `tail` as this producer last saw it: while it shows room, the shared
+    /// line is not read again (one cache-line transfer per batch, not per message).
+    tail_seen: u32,
+    /// The producer's `head` as this consumer last saw it, likewise.
+    head_seen: u32,
 }
 
 impl std::fmt::Debug for ShmEnd {
@@ -167,20 +175,26 @@ impl End for ShmEnd {
         let (head, tail) = (self.region.u32_at(r.head), self.region.u32_at(r.tail));
         let h = head.load(Ordering::Relaxed);
         let mut spins = 0;
-        loop {
+        while h.wrapping_sub(self.tail_seen) >= self.shape.count {
             let t = tail.load(Ordering::Acquire);
+            self.tail_seen = t;
             if h.wrapping_sub(t) < self.shape.count {
                 break;
             }
             self.wait(r.point + 1, r.flags + 4, tail, t, &mut spins)?;
         }
-        let at = r.slots + (h % self.shape.count) as usize * self.shape.slot;
+        let at = r.slots + (h & (self.shape.count - 1)) as usize * self.shape.slot;
         self.region
             .u32_at(at)
             .store(msg.len() as u32, Ordering::Relaxed);
         self.region.write(at + 4, msg);
-        head.store(h.wrapping_add(1), Ordering::SeqCst);
-        self.notify(r.point, r.flags, head);
+        if self.spin {
+            head.store(h.wrapping_add(1), Ordering::Release);
+        } else {
+            // SeqCst: ordered before the load of the consumer's sleeping flag (see above).
+            head.store(h.wrapping_add(1), Ordering::SeqCst);
+            self.notify(r.point, r.flags, head);
+        }
         Ok(())
     }
 
@@ -189,14 +203,15 @@ impl End for ShmEnd {
         let (head, tail) = (self.region.u32_at(r.head), self.region.u32_at(r.tail));
         let t = tail.load(Ordering::Relaxed);
         let mut spins = 0;
-        loop {
+        while self.head_seen == t {
             let h = head.load(Ordering::Acquire);
+            self.head_seen = h;
             if h != t {
                 break;
             }
             self.wait(r.point, r.flags, head, h, &mut spins)?;
         }
-        let at = r.slots + (t % self.shape.count) as usize * self.shape.slot;
+        let at = r.slots + (t & (self.shape.count - 1)) as usize * self.shape.slot;
         let len = self.region.u32_at(at).load(Ordering::Relaxed) as usize;
         if len > buf.len() || len + 4 > self.shape.slot {
             return Err(io::Error::new(
@@ -208,8 +223,12 @@ impl End for ShmEnd {
             ));
         }
         self.region.read(at + 4, &mut buf[..len]);
-        tail.store(t.wrapping_add(1), Ordering::SeqCst);
-        self.notify(r.point + 1, r.flags + 4, tail);
+        if self.spin {
+            tail.store(t.wrapping_add(1), Ordering::Release);
+        } else {
+            tail.store(t.wrapping_add(1), Ordering::SeqCst);
+            self.notify(r.point + 1, r.flags + 4, tail);
+        }
         Ok(len)
     }
 }
@@ -238,6 +257,8 @@ pub fn open(setup: &Setup, kind: WakeKind) -> anyhow::Result<Pair> {
         shape,
         tx,
         rx,
+        tail_seen: 0,
+        head_seen: 0,
     };
     let (a, b) = (end(ab, ba), end(ba, ab));
     let _ = sys::INTERRUPTS.load(Ordering::Relaxed);
