@@ -257,6 +257,17 @@ fn in_processes(
                 }
             };
             let outcome = measure::measure(mine.as_mut(), plan, &mut on_int);
+            // The peer raises its flag before it closes its end: an EOF here after a peer
+            // failure is reported as the peer's failure.
+            let outcome = match outcome {
+                Err(e)
+                    if control.flag(PEER_FAILED) && !e.to_string().contains(&control.error()) =>
+                {
+                    control.raise(ACK);
+                    Err(anyhow!("{}", control.error()))
+                }
+                other => other,
+            };
             drop(mine);
             if outcome.is_err() {
                 control.raise(MEASURER_FAILED);
@@ -389,7 +400,10 @@ fn in_threads(
         };
         let outcome = measure::measure(mine.as_mut(), plan, &mut on_int);
         let outcome = match outcome {
-            Err(e) if control.flag(PEER_FAILED) => Err(anyhow!("{}", control.error()).context(e)),
+            Err(e) if control.flag(PEER_FAILED) && !e.to_string().contains(&control.error()) => {
+                control.raise(ACK);
+                Err(anyhow!("{}", control.error()))
+            }
             other => other,
         };
         drop(mine);

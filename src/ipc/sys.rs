@@ -273,18 +273,35 @@ impl Sem {
 /// The size of `mtype` at the head of a SysV message buffer.
 const MSG_HEADER: usize = std::mem::size_of::<libc::c_long>();
 
-/// A private SysV message queue (`msgget(IPC_PRIVATE)`), removed by [`msg_remove`].
+/// The SysV key of socklab's queue number `n` in process `pid`: `0x51PPPPnn` (the low 16
+/// bits of the pid), so `ipcs -q` shows whose queue it is.
+pub fn msg_key(pid: u32, n: u8) -> i32 {
+    (0x5100_0000u32 | ((pid & 0xffff) << 8) | u32::from(n)) as i32
+}
+
+static MSG_NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A new SysV message queue of this process (`msgget(key, IPC_CREAT | IPC_EXCL)` with a key
+/// from [`msg_key`]), removed by [`msg_remove`].
 ///
 /// # Errors
-/// `msgget`'s errno (`ENOSPC`: `kernel.msgmni` queues exist).
+/// `msgget`'s errno (`ENOSPC`: `kernel.msgmni` queues exist; `EEXIST` for 256 keys in a row).
 pub fn msg_create() -> io::Result<i32> {
-    // SAFETY: plain system call with integer arguments.
-    let id = unsafe { libc::msgget(libc::IPC_PRIVATE, libc::IPC_CREAT | 0o600) };
-    if id < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(id)
+    let pid = std::process::id();
+    let mut last = io::Error::from_raw_os_error(libc::EEXIST);
+    for _ in 0..256 {
+        let n = (MSG_NEXT.fetch_add(1, Ordering::SeqCst) & 0xff) as u8;
+        // SAFETY: plain system call with integer arguments.
+        let id = unsafe { libc::msgget(msg_key(pid, n), libc::IPC_CREAT | libc::IPC_EXCL | 0o600) };
+        if id >= 0 {
+            return Ok(id);
+        }
+        last = io::Error::last_os_error();
+        if last.raw_os_error() != Some(libc::EEXIST) {
+            break;
+        }
     }
+    Err(last)
 }
 
 /// Remove a SysV message queue (`msgctl(IPC_RMID)`); async-signal-safe.

@@ -1,6 +1,7 @@
-//! `sysv-mq`: two System V message queues (`msgget(IPC_PRIVATE)`), one per direction. A SysV
-//! queue has no name to unlink and lives until `msgctl(IPC_RMID)`, so the run's cleanup (and
-//! the Ctrl-C handler) removes it. A message above `kernel.msgmax` is refused with the limit
+//! `sysv-mq`: two System V message queues (`msgget`), one per direction, with keys
+//! `0x51PPPPnn` (PPPP: the low 16 bits of socklab's pid) so `ipcs -q` shows whose they are. A
+//! SysV queue has no name to unlink and lives until `msgctl(IPC_RMID)`, so the run's cleanup
+//! (and the Ctrl-C handler) removes it. A message above `kernel.msgmax` is refused with the limit
 //! named — never cut to fit.
 
 use crate::ipc::channel::{proc_value, Cleanup, End, LimitError, Pair, Setup};
