@@ -694,3 +694,38 @@ fn compare_quick_writes_a_table_json_and_a_valid_svg() {
     );
     assert!(text.contains("fs.mqueue.msgsize_max"), "{text}");
 }
+
+#[test]
+fn a_peer_killed_mid_run_fails_the_run_and_leaves_nothing() {
+    // Mechanisms where the peer's death makes no EOF: only the watchdog notices.
+    for m in ["sysv-mq", "shm-futex", "shm-spin"] {
+        let tmp = Tmp::new(&format!("kill-{m}"));
+        let mut child = Command::new(BIN)
+            .args(["ipc", m, "-d", "60s"])
+            .env("TMPDIR", &tmp.0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        assert!(
+            eventually(Duration::from_secs(10), || !children_of(pid).is_empty()),
+            "{m}: no peer process"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        for (peer, _) in children_of(pid) {
+            signal(peer, libc::SIGKILL);
+        }
+        let status = wait_timeout(&mut child, Duration::from_secs(10)).expect("notices the death");
+        assert_eq!(status.code(), Some(1), "{m}");
+        let mut err = String::new();
+        std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+        assert!(
+            err.contains("the peer process ended unexpectedly"),
+            "{m}: {err}"
+        );
+        assert!(err.contains("SIGKILL"), "{m}: {err}");
+        assert_eq!(leftovers(pid, &tmp), Vec::<String>::new(), "{m}");
+    }
+}

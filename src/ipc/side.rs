@@ -227,6 +227,12 @@ fn in_processes(
     if let Some((a, _)) = cpus {
         pin_to(a).context("pinning the measuring side")?;
     }
+    // The previous run's watchdog thread was joined, but the kernel may still count it for a
+    // moment: fork refuses a process with other threads.
+    let end = Instant::now() + Duration::from_secs(1);
+    while crate::sys::thread_count().unwrap_or(1) > 1 && Instant::now() < end {
+        std::thread::sleep(Duration::from_micros(200));
+    }
     match crate::sys::fork().context("fork")? {
         crate::sys::Fork::Child => {
             // The child owns nothing named: the parent removes it all.
@@ -256,7 +262,31 @@ fn in_processes(
                     Some(st) => bail!("the peer process ended unexpectedly: {st:?}"),
                 }
             };
-            let outcome = measure::measure(mine.as_mut(), plan, &mut on_int);
+            // A peer that dies leaves a queue or a ring silent, and its one SIGCHLD may
+            // arrive before this side blocks: a watchdog thread waits for the child's end
+            // (without reaping it) and interrupts this thread until the measuring is over.
+            let finished = std::sync::atomic::AtomicBool::new(false);
+            let me = sys::pthread_self();
+            let outcome = std::thread::scope(|s| {
+                s.spawn(|| {
+                    let _ = nix::sys::wait::waitid(
+                        nix::sys::wait::Id::Pid(child),
+                        WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT,
+                    );
+                    while !finished.load(Ordering::SeqCst) {
+                        sys::pthread_kill(me, libc::SIGUSR2);
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                });
+                let outcome = measure::measure(mine.as_mut(), plan, &mut on_int);
+                finished.store(true, Ordering::SeqCst);
+                if outcome.is_err() {
+                    // Wake the watchdog: the child must end now.
+                    control.raise(MEASURER_FAILED);
+                    let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+                }
+                outcome
+            });
             // The peer raises its flag before it closes its end: an EOF here after a peer
             // failure is reported as the peer's failure.
             let outcome = match outcome {
