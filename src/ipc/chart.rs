@@ -3,11 +3,50 @@
 //! several decades). Drawn with `plotters` into a self-contained SVG string (its SVG backend
 //! needs no system fonts: text stays text for the browser to render).
 
-use super::compare::{size_label, Comparison};
+use super::compare::Comparison;
 use plotters::prelude::*;
 
 /// One line: its name and its points (size, value).
 type Series = Vec<(String, Vec<(f64, f64)>)>;
+
+/// Distinct colours that stay readable on white (one per mechanism).
+const COLORS: [(u8, u8, u8); 19] = [
+    (0x1f, 0x77, 0xb4),
+    (0xff, 0x7f, 0x0e),
+    (0x2c, 0xa0, 0x2c),
+    (0xd6, 0x27, 0x28),
+    (0x94, 0x67, 0xbd),
+    (0x8c, 0x56, 0x4b),
+    (0xe3, 0x77, 0xc2),
+    (0x7f, 0x7f, 0x7f),
+    (0xbc, 0xbd, 0x22),
+    (0x17, 0xbe, 0xcf),
+    (0x39, 0x3b, 0x79),
+    (0x63, 0x79, 0x39),
+    (0x8c, 0x6d, 0x31),
+    (0x84, 0x3c, 0x39),
+    (0x7b, 0x41, 0x73),
+    (0x31, 0x82, 0xbd),
+    (0xe6, 0x55, 0x0d),
+    (0x31, 0xa3, 0x54),
+    (0x75, 0x6b, 0xb1),
+];
+
+fn color(i: usize) -> RGBAColor {
+    let (r, g, b) = COLORS[i % COLORS.len()];
+    RGBColor(r, g, b).to_rgba()
+}
+
+/// An axis label for a byte count: 100 B, 1 kB, 10 kB, 1 MB.
+fn bytes_label(v: f64) -> String {
+    if v >= 1e6 {
+        format!("{} MB", v / 1e6)
+    } else if v >= 1e3 {
+        format!("{} kB", v / 1e3)
+    } else {
+        format!("{v} B")
+    }
+}
 
 const W: u32 = 1400;
 const H: u32 = 620;
@@ -70,7 +109,7 @@ pub fn render(c: &Comparison) -> anyhow::Result<String> {
         panel(&right, "one-way stream (payload MB/s)", &tput, c)?;
         for (i, name) in names.iter().enumerate() {
             let y = 30 + i as i32 * 24;
-            let color = Palette99::pick(i).to_rgba();
+            let color = color(i);
             legend
                 .draw(&PathElement::new(
                     vec![(10, y), (40, y)],
@@ -137,7 +176,7 @@ fn panel<DB: DrawingBackend>(
     chart
         .configure_mesh()
         .x_desc("payload bytes")
-        .x_label_formatter(&|v| size_label(v.round() as usize))
+        .x_label_formatter(&|v| bytes_label(v.round()))
         .y_label_formatter(&|v| {
             if *v >= 1.0 {
                 format!("{v:.0}")
@@ -148,7 +187,7 @@ fn panel<DB: DrawingBackend>(
         .draw()
         .map_err(err)?;
     for (i, (_, pts)) in series.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
+        let color = color(i);
         chart
             .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
             .map_err(err)?;
