@@ -621,6 +621,16 @@ fn usage_errors_exit_2() {
     assert_eq!(out.status.code(), Some(2));
     let out = socklab(&["pipe", "--compare"]);
     assert_eq!(out.status.code(), Some(2));
+    // Payloads past 256 MiB are refused before anything is allocated.
+    for args in [
+        &["pipe", "--size", "300M", "-n", "1"][..],
+        &["--compare", "--sizes", "64,512M", "--quick"][..],
+    ] {
+        let out = socklab(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(stderr(&out).contains("256 MiB"), "{}", stderr(&out));
+        assert_eq!(stderr(&out).trim().lines().count(), 1, "{}", stderr(&out));
+    }
     // One CPU allowed: cross-CPU pinning cannot be honoured.
     let out = Command::new("taskset")
         .args(["-c", "0", BIN, "ipc", "pipe", "--pin", "cross", "-n", "5"])

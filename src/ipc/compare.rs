@@ -81,6 +81,12 @@ pub fn run(args: &IpcArgs) -> anyhow::Result<()> {
     } else {
         args.sizes.clone()
     };
+    if let Some(big) = sizes.iter().find(|&&s| s > super::MAX_SIZE) {
+        anyhow::bail!(crate::client::UsageError(format!(
+            "--sizes: {big} is above the largest payload, {} MiB",
+            super::MAX_SIZE >> 20
+        )));
+    }
     let seconds = args.duration.unwrap_or(if args.quick {
         Duration::from_millis(100)
     } else {

@@ -136,6 +136,9 @@ pub fn run(args: &IpcArgs) -> anyhow::Result<()> {
     })
 }
 
+/// The largest payload: each side holds a few buffers of this size.
+pub const MAX_SIZE: usize = 256 << 20;
+
 fn single(args: &IpcArgs) -> anyhow::Result<()> {
     let Some(mechanism) = args.mechanism else {
         return Err(UsageError(
@@ -159,8 +162,8 @@ fn single(args: &IpcArgs) -> anyhow::Result<()> {
         window: None,
         fault: args.fault,
     };
-    if args.size > u32::MAX as usize - message::HEADER {
-        return Err(UsageError("--size is at most 4 GiB".into()).into());
+    if args.size > MAX_SIZE {
+        return Err(UsageError(format!("--size is at most {} MiB", MAX_SIZE >> 20)).into());
     }
     let result = side::run(mechanism, &setup, &plan, args.pin)?;
     let report = report::Report::new(

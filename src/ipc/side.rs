@@ -324,7 +324,7 @@ fn in_processes(
 
 /// The child's whole life: pin, run the peer loop, report, exit code.
 fn child(
-    mut end: Box<dyn super::channel::End>,
+    end: Box<dyn super::channel::End>,
     plan: &Plan,
     cpus: Option<(usize, usize)>,
     control: &Control,
@@ -344,6 +344,23 @@ fn child(
             return 3;
         }
     }
+    let alert = || nix::sys::signal::kill(parent, nix::sys::signal::Signal::SIGUSR2).is_ok();
+    match peer_side(end, plan, control, &alert) {
+        Ok(()) => 0,
+        Err(_) => 1,
+    }
+}
+
+/// The peer's side, in a child process or a thread: run the peer loop; on success leave the
+/// usage in the control page; on failure write the error there, close the end (an EOF for
+/// the other side where there is one) and `alert` the measuring side until it acknowledges.
+/// Told to stop because the measuring side failed, it returns quietly.
+fn peer_side(
+    mut end: Box<dyn super::channel::End>,
+    plan: &Plan,
+    control: &Control,
+    alert: &dyn Fn() -> bool,
+) -> anyhow::Result<()> {
     let mut on_int = || -> anyhow::Result<()> {
         if control.flag(MEASURER_FAILED) {
             bail!("stopped: the measuring side failed");
@@ -353,17 +370,15 @@ fn child(
     match measure::peer(end.as_mut(), plan, &mut on_int) {
         Ok(r) => {
             control.put_peer(&r);
-            0
+            Ok(())
         }
-        Err(_) if control.flag(MEASURER_FAILED) => 0,
+        Err(_) if control.flag(MEASURER_FAILED) => Ok(()),
         Err(e) => {
             control.set_error(&format!("{e:#}"));
             control.raise(PEER_FAILED);
             drop(end);
-            control.alert_until_acked(&|| {
-                nix::sys::signal::kill(parent, nix::sys::signal::Signal::SIGUSR2).is_ok()
-            });
-            1
+            control.alert_until_acked(alert);
+            Err(e)
         }
     }
 }
@@ -375,7 +390,7 @@ fn in_threads(
 ) -> anyhow::Result<(Measured, PeerResult, String)> {
     let Pair {
         a: mut mine,
-        b: mut theirs,
+        b: theirs,
         mut cleanup,
         note,
         ..
@@ -397,29 +412,11 @@ fn in_threads(
             if let Some((_, b)) = cpus {
                 pin_to(b).context("pinning the peer")?;
             }
-            let mut on_int = || -> anyhow::Result<()> {
-                if control.flag(MEASURER_FAILED) {
-                    bail!("stopped: the measuring side failed");
-                }
-                Ok(())
+            let alert = || {
+                sys::pthread_kill(me, libc::SIGUSR2);
+                true
             };
-            match measure::peer(theirs.as_mut(), plan, &mut on_int) {
-                Ok(r) => {
-                    control.put_peer(&r);
-                    Ok(())
-                }
-                Err(_) if control.flag(MEASURER_FAILED) => Ok(()),
-                Err(e) => {
-                    control.set_error(&format!("{e:#}"));
-                    control.raise(PEER_FAILED);
-                    drop(theirs);
-                    control.alert_until_acked(&|| {
-                        sys::pthread_kill(me, libc::SIGUSR2);
-                        true
-                    });
-                    Err(anyhow!("{e:#}"))
-                }
-            }
+            peer_side(theirs, plan, control, &alert)
         });
         let mut on_int = || -> anyhow::Result<()> {
             if control.flag(PEER_FAILED) {
