@@ -183,8 +183,5 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
 
 /// Raise the soft limit on open descriptors to the hard limit: 10,000 connections need it.
 pub fn raise_fd_limit() {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
-    }
+    let _ = crate::sys::raise_fd_limit();
 }

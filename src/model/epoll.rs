@@ -105,7 +105,7 @@ pub fn run_loop(
                     if !signals::stop_requested() {
                         // Some other signal's byte: empty the pipe or it would be reported
                         // again and again (level-triggered).
-                        drain_pipe(wake);
+                        signals::drain_fd(wake);
                         continue;
                     }
                     // Stop: no more accepts. The pipe stays unread so every loop sees it;
@@ -214,7 +214,13 @@ fn accept_ready<'a>(
         let Some(slot) = ctx.admit(&peer) else {
             continue;
         };
-        let conn = Conn::new(sock, slot, ctx, now);
+        let conn = match Conn::new(sock, slot, ctx, now) {
+            Ok(c) => c,
+            Err((end, slot)) => {
+                end.log(&slot.peer);
+                continue;
+            }
+        };
         let flags = conn_flags(edge, conn.registered);
         let t = book.add(conn, now);
         let conn = book.conns.get_mut(t).expect("just added");
@@ -226,10 +232,4 @@ fn accept_ready<'a>(
         drive(epoll, book, t, buf, edge, now);
     }
     Ok(true)
-}
-
-/// Read and drop whatever is in the (non-blocking) signal pipe.
-fn drain_pipe(fd: BorrowedFd<'_>) {
-    let mut b = [0u8; 64];
-    while matches!(nix::unistd::read(fd, &mut b), Ok(n) if n == b.len()) {}
 }

@@ -5,7 +5,7 @@
 //! The loops differ only in how they learn readiness (`poll` rebuilds an array each round,
 //! `epoll` keeps an interest list in the kernel) and in edge vs level triggering.
 
-use crate::model::{Ctx, End, Slot};
+use crate::model::{contain, Ctx, End, Slot};
 use crate::output::{Flush, Outbox};
 use crate::service::Session;
 use crate::signals;
@@ -39,7 +39,8 @@ pub struct Conn<'a> {
     /// The kernel reported the peer's FIN or an error with the last readiness: read on until
     /// end-of-file even after a short read.
     hangup: bool,
-    /// When the connection last moved bytes (for the idle timeout).
+    /// When the connection last moved bytes: input read, or output accepted by the peer
+    /// (for the idle timeout: a peer that reads nothing while answers wait is idle).
     pub last_active: Instant,
     /// The deadline this connection has queued in the timers, if any.
     pub deadline: Option<Instant>,
@@ -58,10 +59,22 @@ pub enum Step {
 
 impl<'a> Conn<'a> {
     /// A new connection: the session opens (daytime queues its line here).
-    pub fn new(sock: Socket, slot: Slot<'a>, ctx: &Ctx, now: Instant) -> Conn<'a> {
+    ///
+    /// # Errors
+    /// [`End::Panic`] if opening the session panicked (the connection is then dropped,
+    /// closing it and releasing its slot).
+    pub fn new(
+        sock: Socket,
+        slot: Slot<'a>,
+        ctx: &Ctx,
+        now: Instant,
+    ) -> Result<Conn<'a>, (End, Slot<'a>)> {
         let mut out = ctx.service.outbox();
-        let session = ctx.service.open(&mut out);
-        Conn {
+        let session = match contain(|| ctx.service.open(&mut out)) {
+            Ok(s) => s,
+            Err(end) => return Err((end, slot)),
+        };
+        Ok(Conn {
             sock,
             slot,
             session,
@@ -75,7 +88,7 @@ impl<'a> Conn<'a> {
                 read: true,
                 write: false,
             },
-        }
+        })
     }
 
     /// The peer's address, for logs.
@@ -99,24 +112,42 @@ impl<'a> Conn<'a> {
     /// Move bytes: send queued output, read what arrived and feed the session, until the
     /// socket would block or the connection is finished. `edge` reads until `EAGAIN` (edge
     /// triggering reports readiness once); otherwise one read per readiness report, so a
-    /// busy connection cannot starve the others.
+    /// busy connection cannot starve the others. A panic in the session is contained here
+    /// ([`contain`]): that connection is closed, the loop goes on.
     pub fn drive(&mut self, buf: &mut [u8], edge: bool, now: Instant) -> Step {
+        contain(|| self.drive_inner(buf, edge, now)).unwrap_or_else(Step::Close)
+    }
+
+    fn drive_inner(&mut self, buf: &mut [u8], edge: bool, now: Instant) -> Step {
         let mut reads = 0;
         loop {
+            let before = self.out.pending();
             match self.out.flush(&self.sock) {
-                Ok(Flush::Done) => {}
+                Ok(Flush::Done) => {
+                    if before > 0 {
+                        self.last_active = now;
+                    }
+                }
                 Ok(Flush::Blocked) => {
                     // The peer is not reading: read nothing more from it until it does (the
                     // server's memory stays bounded), and ask only for writability -- a
                     // level-triggered loop still asking for input would be woken again and
-                    // again for input it will not read, and spin.
-                    self.last_active = now;
+                    // again for input it will not read, and spin. Only bytes the peer took
+                    // count as activity: one that takes none is cut at the idle timeout.
+                    if self.out.pending() < before {
+                        self.last_active = now;
+                    }
                     return Step::Keep(Interest {
                         read: false,
                         write: true,
                     });
                 }
                 Err(e) => return Step::Close(End::Io(e)),
+            }
+            if self.session.has_backlog() {
+                // Requests waited for the output to drain (it just did): the next batch.
+                self.session.resume(&mut self.out);
+                continue;
             }
             if self.eof || self.session.done() {
                 return Step::Close(End::Closed);
@@ -331,9 +362,13 @@ impl<'a> Book<'a> {
                     conn.deadline = None; // popped: nothing left to remove
                     if conn.session.deadline().is_some_and(|d| d <= now) {
                         // The session's own deadline (HTTP: 408), sent if the socket takes it.
-                        conn.session.on_deadline(&mut conn.out);
-                        let _ = conn.out.flush(&conn.sock);
-                        closed.push((t, End::Deadline));
+                        let end = contain(|| {
+                            conn.session.on_deadline(&mut conn.out);
+                            let _ = conn.out.flush(&conn.sock);
+                        })
+                        .err()
+                        .unwrap_or(End::Deadline);
+                        closed.push((t, end));
                         continue;
                     }
                     let idle_due = self.idle.map(|i| conn.last_active + i);
@@ -419,7 +454,8 @@ mod tests {
         let (a, b) = Socket::pair(Domain::UNIX, Type::STREAM, None).unwrap();
         a.set_nonblocking(true).unwrap();
         let peer = SockAddr::unix("/peer").unwrap();
-        (Conn::new(a, ctx.admit(&peer).unwrap(), ctx, now), b)
+        let conn = Conn::new(a, ctx.admit(&peer).unwrap(), ctx, now).unwrap_or_else(|_| panic!());
+        (conn, b)
     }
 
     #[test]

@@ -82,7 +82,7 @@ fn child(
     if let Err(e) = signals.reinit_in_child() {
         tracing::warn!("child: cannot set up signals: {e}");
     }
-    serve_blocking(&sock, ctx, &AtomicBool::new(false)).log(&slot.peer);
+    serve_blocking(&sock, ctx, &AtomicBool::new(false), Some(signals.fd())).log(&slot.peer);
     drop(sock);
     slot.hand_over(); // the parent releases the count when it reaps us
     std::process::exit(0)

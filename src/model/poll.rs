@@ -154,8 +154,13 @@ fn accept_batch<'a>(
         let Some(slot) = ctx.admit(&peer) else {
             continue;
         };
-        let t = book.add(Conn::new(sock, slot, ctx, now), now);
-        drive(book, t, buf, now);
+        match Conn::new(sock, slot, ctx, now) {
+            Ok(conn) => {
+                let t = book.add(conn, now);
+                drive(book, t, buf, now);
+            }
+            Err((end, slot)) => end.log(&slot.peer),
+        }
     }
     Ok(true)
 }
