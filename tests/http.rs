@@ -322,12 +322,12 @@ fn traversal_attempts_never_reach_outside_the_root() {
     let srv = http_server(&root, &["--follow-symlinks"]);
     assert!(raw(
         &srv.addr,
-        b"GET /files/link-out HTTP/1.1\r\nConnection: close\r\n\r\n"
+        b"GET /files/link-out HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     )
     .contains("TOP SECRET"));
     assert!(!raw(
         &srv.addr,
-        b"GET /%2e%2e/secret.txt HTTP/1.1\r\nConnection: close\r\n\r\n"
+        b"GET /%2e%2e/secret.txt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     )
     .contains("TOP SECRET"));
     assert!(srv.stop().0.success());
@@ -364,13 +364,13 @@ def raw(data, wait=None):
     return out
 
 # Pipelining: three requests in one send, answered in order.
-out = raw(b"GET /files/hello.txt HTTP/1.1\r\n\r\nHEAD /nope HTTP/1.1\r\n\r\nGET /files/hello.txt HTTP/1.1\r\nConnection: close\r\n\r\n")
+out = raw(b"GET /files/hello.txt HTTP/1.1\r\nHost: x\r\n\r\nHEAD /nope HTTP/1.1\r\nHost: x\r\n\r\nGET /files/hello.txt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
 assert out.count(b"HTTP/1.1 ") == 3, out
 assert out.index(b"200 OK") < out.index(b"404 Not Found") < out.rindex(b"200 OK"), out
 assert out.endswith(b"hello, world\n")
 # Malformed.
 assert raw(b"THIS IS NOT HTTP\r\n\r\n").startswith(b"HTTP/1.1 400")
-assert raw(b"GET /files/hello.txt HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n").startswith(b"HTTP/1.1 501")
+assert raw(b"GET /files/hello.txt HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n").startswith(b"HTTP/1.1 501")
 # Oversize request line and headers.
 assert raw(b"GET /" + b"a" * 10000 + b" HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 414")
 assert raw(b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(100)) + b"\r\n").startswith(b"HTTP/1.1 431")
@@ -406,7 +406,7 @@ fn every_model_and_strategy_serves_the_tree() {
             let answer = {
                 let mut s = TcpStream::connect(&srv.addr).unwrap();
                 s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-                s.write_all(b"GET /files/data.bin HTTP/1.1\r\n\r\nGET /files/hello.txt HTTP/1.1\r\nConnection: close\r\n\r\n")
+                s.write_all(b"GET /files/data.bin HTTP/1.1\r\nHost: x\r\n\r\nGET /files/hello.txt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
                     .unwrap();
                 let mut out = Vec::new();
                 s.read_to_end(&mut out).unwrap();
@@ -483,7 +483,7 @@ fn wget_downloads_a_sparse_gigabyte_under_each_strategy_while_others_are_served(
             let t = Instant::now();
             let a = raw(
                 &addr,
-                b"GET /small.txt HTTP/1.1\r\nConnection: close\r\n\r\n",
+                b"GET /small.txt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
             );
             assert!(a.ends_with("small\n"), "{send}: {a}");
             slowest = slowest.max(t.elapsed());
@@ -519,7 +519,7 @@ fn memory_stays_flat_while_serving_a_gigabyte() {
         let srv = http_server(&root, &["--send", send, "--model", model, "--workers", "2"]);
         let mut s = TcpStream::connect(&srv.addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        s.write_all(b"GET /big.img HTTP/1.1\r\nConnection: close\r\n\r\n")
+        s.write_all(b"GET /big.img HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             .unwrap();
         let mut buf = vec![0u8; 1 << 20];
         let mut got = 0u64;
