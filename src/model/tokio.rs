@@ -114,7 +114,11 @@ async fn connection(
 /// Drive one connection. Every call into the session (and the flush) is a step inside the
 /// panic boundary ([`contain`]): a panic ends this connection with [`End::Panic`] (`Err`),
 /// the runtime and the other tasks go on.
-async fn drive(fd: &AsyncFd<Socket>, ctx: &Ctx, mut stop: watch::Receiver<bool>) -> Result<End, End> {
+async fn drive(
+    fd: &AsyncFd<Socket>,
+    ctx: &Ctx,
+    mut stop: watch::Receiver<bool>,
+) -> Result<End, End> {
     let mut out = ctx.service.outbox();
     let mut session = contain(|| ctx.service.open(&mut out))?;
     let mut buf = vec![0u8; READ_BUF];
@@ -126,10 +130,12 @@ async fn drive(fd: &AsyncFd<Socket>, ctx: &Ctx, mut stop: watch::Receiver<bool>)
         let mut last_sent = Instant::now();
         while !out.is_empty() {
             let writable = match idle {
-                Some(i) => match tokio::time::timeout_at((last_sent + i).into(), fd.writable()).await {
-                    Ok(w) => w,
-                    Err(_) => return Ok(End::IdleTimeout),
-                },
+                Some(i) => {
+                    match tokio::time::timeout_at((last_sent + i).into(), fd.writable()).await {
+                        Ok(w) => w,
+                        Err(_) => return Ok(End::IdleTimeout),
+                    }
+                }
                 None => fd.writable().await,
             };
             let mut guard = match writable {
