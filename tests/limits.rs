@@ -497,3 +497,36 @@ fn sighup_drains_and_stops_usr_signals_are_ignored() {
         );
     }
 }
+
+/// Item 12: with `--max-conns 1`, strictly sequential clients (each closes before the next
+/// connects) are all served: the server waits a moment for the slot of a connection whose
+/// close it has not yet seen before refusing a new one.
+#[test]
+fn max_conns_1_serves_sequential_clients() {
+    let mut failures = Vec::new();
+    for model in MODELS {
+        let srv = Server::tcp("reverse", model, &["--max-conns", "1"]);
+        let mut refused = 0;
+        for i in 0..100u32 {
+            let mut s = srv.connect();
+            let data = i.to_be_bytes();
+            let mut msg = 4u32.to_be_bytes().to_vec();
+            msg.extend_from_slice(&data);
+            let ok = s.write_all(&msg).is_ok() && {
+                let mut got = [0u8; 4];
+                std::io::Read::read_exact(&mut s, &mut got).is_ok()
+                    && got[..] == reversed(&data)[..]
+            };
+            refused += usize::from(!ok);
+        }
+        let (status, err) = srv.stop();
+        assert!(status.success(), "{model}: {err}");
+        if refused > 0 {
+            failures.push(format!("{model}: {refused} of 100 refused"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "sequential clients refused: {failures:?}"
+    );
+}

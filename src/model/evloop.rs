@@ -5,12 +5,13 @@
 //! The loops differ only in how they learn readiness (`poll` rebuilds an array each round,
 //! `epoll` keeps an interest list in the kernel) and in edge vs level triggering.
 
-use crate::model::{contain, Ctx, End, Slot};
+use crate::model::{contain, Ctx, End, Slot, ADMIT_WAIT};
 use crate::output::{Flush, Outbox};
 use crate::service::Session;
 use crate::signals;
 use crate::timer::Timers;
-use socket2::Socket;
+use socket2::{SockAddr, Socket};
+use std::collections::VecDeque;
 use std::io;
 use std::time::{Duration, Instant};
 
@@ -273,7 +274,16 @@ pub enum TimerKey {
     ResumeAccept,
     /// The grace period after a stop request is over.
     Grace,
+    /// Connections waiting for a slot are looked at again.
+    Admit,
 }
+
+/// At most this many connections over `--max-conns` wait for a slot in one loop; more are
+/// closed at once.
+pub const MAX_PARKED: usize = 64;
+
+/// How often a loop looks again at connections waiting for a slot.
+const ADMIT_RETRY: Duration = Duration::from_millis(2);
 
 /// The idle-timeout and shutdown bookkeeping every event loop does the same way.
 #[derive(Debug)]
@@ -287,6 +297,11 @@ pub struct Book<'a> {
     pub stopping: bool,
     /// The grace period is over: close everything.
     pub grace_over: bool,
+    /// Connections accepted over `--max-conns`, waiting (until the deadline) for a slot:
+    /// the count lags a client's close by a loop's turn or another loop's.
+    parked: VecDeque<(Socket, SockAddr, Instant)>,
+    /// When the queued [`TimerKey::Admit`] deadline is.
+    admit_timer: Option<Instant>,
 }
 
 impl<'a> Book<'a> {
@@ -298,7 +313,45 @@ impl<'a> Book<'a> {
             idle: Some(ctx.opts.idle_timeout).filter(|d| !d.is_zero()),
             stopping: false,
             grace_over: false,
+            parked: VecDeque::new(),
+            admit_timer: None,
         }
+    }
+
+    /// A connection over `--max-conns`: let it wait up to [`ADMIT_WAIT`] for a slot (see
+    /// [`Book::unpark`]), or close it at once if [`MAX_PARKED`] already wait.
+    pub fn park(&mut self, ctx: &Ctx, sock: Socket, peer: SockAddr, now: Instant) {
+        if self.parked.len() >= MAX_PARKED || self.stopping {
+            ctx.refuse(&peer);
+            return;
+        }
+        self.parked.push_back((sock, peer, now + ADMIT_WAIT));
+        self.arm_admit(now);
+    }
+
+    fn arm_admit(&mut self, now: Instant) {
+        if self.admit_timer.is_none() {
+            let at = now + ADMIT_RETRY;
+            self.timers.insert(at, TimerKey::Admit);
+            self.admit_timer = Some(at);
+        }
+    }
+
+    /// Admit the waiting connections that now find a slot (returned, for the loop to
+    /// register), close those whose wait is over, and look again soon at the rest.
+    pub fn unpark(&mut self, ctx: &'a Ctx, now: Instant) -> Vec<(Socket, Slot<'a>)> {
+        let mut admitted = Vec::new();
+        for (sock, peer, deadline) in std::mem::take(&mut self.parked) {
+            match ctx.try_admit(&peer) {
+                Some(slot) => admitted.push((sock, slot)),
+                None if deadline <= now || self.stopping => ctx.refuse(&peer),
+                None => self.parked.push_back((sock, peer, deadline)),
+            }
+        }
+        if !self.parked.is_empty() {
+            self.arm_admit(now);
+        }
+        admitted
     }
 
     /// Add a connection and queue its idle deadline; returns its token.
@@ -355,6 +408,7 @@ impl<'a> Book<'a> {
             match key {
                 TimerKey::ResumeAccept => resume_accept = true,
                 TimerKey::Grace => self.grace_over = true,
+                TimerKey::Admit => self.admit_timer = None,
                 TimerKey::Conn(t) => {
                     let Some(conn) = self.conns.get_mut(t) else {
                         continue;

@@ -43,7 +43,9 @@ pub fn run(listener: Listener, ctx: &Ctx, signals: &mut Signals) -> io::Result<(
             Ok(Accepted::Stop) => break Ok(()),
             Ok(Accepted::Signal) => {}
             Ok(Accepted::Conn(sock, peer)) => {
-                if let Some(slot) = ctx.admit(&peer) {
+                if let Some(slot) = ctx.admit_waiting(None, &peer, || {
+                    children.reap(Some(ctx));
+                }) {
                     let parent = nix::unistd::getpid();
                     match sys::fork() {
                         Ok(Fork::Child) => child(listener, sock, slot, ctx, signals, parent),

@@ -150,6 +150,12 @@ impl Default for ServeOptions {
 /// Size of the buffer a connection reads into.
 pub const READ_BUF: usize = 64 * 1024;
 
+/// How long a connection over `--max-conns` waits for a slot before it is closed. The count
+/// lags a client's close by the time the server takes to see it (a loop's turn, another
+/// thread, a child's exit and reaping): without this wait, strictly sequential clients
+/// under `--max-conns 1` were refused most of the time.
+pub const ADMIT_WAIT: Duration = Duration::from_millis(50);
+
 /// What every model is given: the service, the options, and the live-connection count
 /// (in shared memory, so forked processes count together).
 #[derive(Debug)]
@@ -183,15 +189,49 @@ impl Ctx {
     }
 
     /// Take a slot for a new connection from `peer`, or `None` (and the connection closed
-    /// by the caller dropping it) when `--max-conns` are already open.
+    /// by the caller dropping it, a warning logged) when `--max-conns` are already open.
     pub fn admit(&self, peer: &SockAddr) -> Option<Slot<'_>> {
+        let slot = self.try_admit(peer);
+        if slot.is_none() {
+            self.refuse(peer);
+        }
+        slot
+    }
+
+    /// [`Ctx::admit`] without the warning: the caller may try again ([`ADMIT_WAIT`]).
+    pub fn try_admit(&self, peer: &SockAddr) -> Option<Slot<'_>> {
         self.admit_in(0, peer)
     }
 
-    /// [`Ctx::admit`] for preforked worker `worker` (0-based): its connections are also
-    /// counted in its own cell, which [`Ctx::release_worker`] empties when it dies.
-    pub fn admit_as(&self, worker: usize, peer: &SockAddr) -> Option<Slot<'_>> {
-        self.admit_in(1 + worker, peer)
+    /// Log that a connection from `peer` is closed for `--max-conns`.
+    pub fn refuse(&self, peer: &SockAddr) {
+        tracing::warn!(peer = %display_addr(peer), max = self.opts.max_conns, "connection limit reached: closing new connection");
+    }
+
+    /// Admission for an accept loop that has nothing else to do meanwhile (iterative,
+    /// thread, pool, fork, a preforked worker): over the limit, try again every
+    /// millisecond for up to [`ADMIT_WAIT`], calling `meanwhile` in between (the fork parent
+    /// reaps its children there), then refuse. `worker` counts the slot in a preforked
+    /// worker's own cell ([`Ctx::release_worker`]).
+    pub fn admit_waiting(
+        &self,
+        worker: Option<usize>,
+        peer: &SockAddr,
+        mut meanwhile: impl FnMut(),
+    ) -> Option<Slot<'_>> {
+        let cell = worker.map_or(0, |w| 1 + w);
+        let deadline = Instant::now() + ADMIT_WAIT;
+        loop {
+            if let Some(slot) = self.admit_in(cell, peer) {
+                return Some(slot);
+            }
+            if Instant::now() >= deadline || signals::stop_requested() {
+                self.refuse(peer);
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+            meanwhile();
+        }
     }
 
     fn admit_in(&self, cell: usize, peer: &SockAddr) -> Option<Slot<'_>> {
@@ -201,7 +241,6 @@ impl Ctx {
             // both be refused at the limit, never both admitted over it.
             if self.active.total() > max {
                 self.active.cell(cell).fetch_sub(1, Ordering::SeqCst);
-                tracing::warn!(peer = %display_addr(peer), max, "connection limit reached: closing new connection");
                 return None;
             }
         }
@@ -447,7 +486,7 @@ pub fn for_each_connection<'a>(
             }
             Accepted::Signal => {}
             Accepted::Conn(sock, peer) => {
-                if let Some(slot) = ctx.admit(&peer) {
+                if let Some(slot) = ctx.admit_waiting(None, &peer, || {}) {
                     handle(sock, slot);
                 }
             }

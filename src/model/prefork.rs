@@ -113,7 +113,7 @@ fn worker(number: usize, listener: &Listener, ctx: &Ctx, signals: &Signals) -> i
                 AcceptAction::Fatal => return Err(e),
             },
         };
-        let Some(slot) = ctx.admit_as(number, &peer) else {
+        let Some(slot) = ctx.admit_waiting(Some(number), &peer, || {}) else {
             continue;
         };
         serve_blocking(&sock, ctx, &busy, Some(signals.fd())).log(&slot.peer);

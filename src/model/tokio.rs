@@ -8,7 +8,9 @@
 //!     task: loop { flush output (await writable); read (await readable); feed session }
 //! ```
 
-use crate::model::{accept, accept_action, contain, AcceptAction, Ctx, End, Slot, READ_BUF};
+use crate::model::{
+    accept, accept_action, contain, AcceptAction, Ctx, End, Slot, ADMIT_WAIT, READ_BUF,
+};
 use crate::net::Listener;
 use crate::output::Flush;
 use crate::signals::{self, Signals};
@@ -75,8 +77,7 @@ async fn accept_loop(
                 loop {
                     match accept(listen.get_ref(), true) {
                         Ok((sock, peer)) => {
-                            let Some(slot) = ctx.admit(&peer) else { continue };
-                            tokio::spawn(connection(sock, slot, ctx, stop.clone()));
+                            tokio::spawn(admit_then_serve(sock, peer, ctx, stop.clone()));
                         }
                         Err(e) => match accept_action(&e) {
                             AcceptAction::Wait => {
@@ -95,6 +96,28 @@ async fn accept_loop(
             }
         }
     }
+}
+
+/// Admit a new connection (over `--max-conns`, waiting up to [`ADMIT_WAIT`] for a slot
+/// whose close is not seen yet) and serve it.
+async fn admit_then_serve(
+    sock: Socket,
+    peer: socket2::SockAddr,
+    ctx: &'static Ctx,
+    stop: watch::Receiver<bool>,
+) {
+    let deadline = Instant::now() + ADMIT_WAIT;
+    let slot = loop {
+        if let Some(slot) = ctx.try_admit(&peer) {
+            break slot;
+        }
+        if Instant::now() >= deadline || *stop.borrow() {
+            ctx.refuse(&peer);
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
+    connection(sock, slot, ctx, stop).await;
 }
 
 /// One connection's task.
