@@ -27,16 +27,19 @@ trap 'rm -rf "$log"' EXIT
 printf '%-16s %8s %14s %10s %8s %9s\n' target seconds executions exec/s corpus findings
 for t in "${targets[@]}"; do
   mkdir -p "fuzz/corpus/$t" "fuzz/artifacts/$t"
-  before=$(find "fuzz/artifacts/$t" -type f | wc -l)
-  # -fork=0, one job: the machine is shared; a finding stops that target's run.
+  before=$(find "fuzz/artifacts/$t" -type f ! -name last-run.log | wc -l)
+  dict=()
+  [ -f "fuzz/dicts/$t.dict" ] && dict=(-dict="fuzz/dicts/$t.dict")
+  # One job (the machine is shared); a finding stops that target's run.
   cargo fuzz run --sanitizer none "$t" -- \
-    -max_total_time="$secs" -timeout=10 -rss_limit_mb=1024 -print_final_stats=1 \
+    -max_total_time="$secs" -timeout=10 -rss_limit_mb=1024 -print_final_stats=1 "${dict[@]}" \
     >"$log/$t.out" 2>&1 || true
+  cp "$log/$t.out" "fuzz/artifacts/$t/last-run.log"
   runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log/$t.out" | grep -o '[0-9]*$' | tail -1)
   took=$(grep -o 'Done [0-9]* runs in [0-9]* second' "$log/$t.out" | awk '{print $5}' | tail -1)
   runs=${runs:-0}
   took=${took:-$secs}
-  after=$(find "fuzz/artifacts/$t" -type f | wc -l)
+  after=$(find "fuzz/artifacts/$t" -type f ! -name last-run.log | wc -l)
   corpus=$(find "fuzz/corpus/$t" -type f | wc -l)
   rate=$(( took > 0 ? runs / took : 0 ))
   printf '%-16s %8s %14s %10s %8s %9s\n' "$t" "$took" "$runs" "$rate" "$corpus" "$((after - before))"
