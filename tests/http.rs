@@ -677,7 +677,10 @@ fn framing_if_range_and_raw_byte_names_over_the_wire() {
         "%{http_code}",
         &format!("{base}/files/hello.txt"),
     ]);
-    assert_eq!(out.stdout, b"hello, world\n200", "a stale If-Range: the whole file");
+    assert_eq!(
+        out.stdout, b"hello, world\n200",
+        "a stale If-Range: the whole file"
+    );
     let out = curl(&[&format!("{base}/files/")]);
     let listing = String::from_utf8_lossy(&out.stdout).into_owned();
     let href = listing
