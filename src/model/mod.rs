@@ -183,8 +183,9 @@ impl ReadBuf {
         &self.buf[..n.min(self.buf.len())]
     }
 
-    /// A read returned `n` bytes: if it filled the buffer, more is coming in large pieces,
-    /// grow. Returns whether the read filled the buffer (before growing).
+    /// A read returned `n` bytes, now consumed: if it filled the buffer, more is coming in
+    /// large pieces, grow (the bytes read are gone then). Returns whether the read filled
+    /// the buffer.
     pub fn filled(&mut self, n: usize) -> bool {
         let full = n == self.buf.len();
         if full && self.buf.len() < READ_BUF {
@@ -896,12 +897,12 @@ fn drive_blocking(
             }
             Err(e) => return End::Io(e),
         };
-        full_read = buf.filled(n);
         last_input = Instant::now();
         busy.store(true, Ordering::SeqCst);
         if let Err(e) = session.receive(buf.data(n), &mut out) {
             return End::Protocol(e);
         }
+        full_read = buf.filled(n);
     }
 }
 

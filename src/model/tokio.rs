@@ -232,12 +232,12 @@ async fn drive(
             Ok(Ok(n)) => {
                 // What tokio's own TcpStream does: a short read means the socket is drained,
                 // so forget the readiness instead of paying for a read that says EAGAIN.
+                if let Err(e) = contain(|| session.receive(buf.data(n), &mut out))? {
+                    return Ok(End::Protocol(e));
+                }
                 full_read = buf.filled(n);
                 if !full_read {
                     guard.clear_ready();
-                }
-                if let Err(e) = contain(|| session.receive(buf.data(n), &mut out))? {
-                    return Ok(End::Protocol(e));
                 }
             }
             Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
