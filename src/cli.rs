@@ -38,6 +38,10 @@ pub enum Command {
     ///
     /// Example: `socklab bench --compare --quick`, `socklab bench 127.0.0.1:7000 -c 64 -d 10s`
     Bench(crate::bench::BenchArgs),
+    /// The software bus: an MQTT 3.1.1/5.0 broker, its clients and load generator.
+    ///
+    /// Example: `socklab bus serve --listen 127.0.0.1:0`, `socklab bus sub 'sensors/#'`
+    Bus(crate::bus::BusArgs),
 }
 
 fn init_logging(verbose: u8) {
@@ -70,6 +74,7 @@ pub fn main() -> ExitCode {
         Command::Serve(args) => crate::server::run(args),
         Command::Client(args) => crate::client::run(args),
         Command::Bench(args) => crate::bench::run(args),
+        Command::Bus(args) => crate::bus::run(args, cli.verbose),
         // The lab has its own exit codes: 0 as the course says, 1 the kernel differed,
         // 2 the experiment could not run.
         Command::Lab(args) => return ExitCode::from(crate::lab::run(args, cli.verbose)),

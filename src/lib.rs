@@ -2,7 +2,7 @@
 //!
 //! # Layout
 //!
-//! - [`cli`]: the command line (`socklab serve|client|bench|lab`), errors mapped to exit codes.
+//! - [`cli`]: the command line (`socklab serve|client|bench|lab|bus`), errors mapped to exit codes.
 //! - [`net`]: resolving addresses (`AF_UNSPEC`, like `getaddrinfo`) and opening listeners and
 //!   connections: TCP over IPv4/IPv6, Unix stream sockets, UDP.
 //! - [`service`]: the protocols, written once and without I/O ("sans-IO"): echo, discard,
@@ -20,9 +20,12 @@
 //! - [`units`]: durations and sizes on the command line.
 //! - [`lab`]: the course's socket experiments against the live kernel.
 //! - [`bench`](mod@bench): the load generator and the side-by-side comparison of every design.
+//! - [`bus`]: the software bus, an MQTT 3.1.1/5.0 broker: sans-IO codec glue, topic trie,
+//!   session and routing core, redb store, the epoll reactor driver, clients and load.
 #![deny(missing_docs, rust_2018_idioms)]
 
 pub mod bench;
+pub mod bus;
 pub mod cli;
 pub mod client;
 pub mod lab;
