@@ -16,8 +16,8 @@ n=${1:-2000}
 shift || true
 models=("$@")
 [ "${#models[@]}" -gt 0 ] || models=(iterative fork prefork thread pool poll epoll reactors tokio)
-cargo build --release -q
-bin=target/release/socklab
+socklab=$(socklab_build)
+bin=$socklab
 ulimit -n "$(ulimit -Hn)"
 
 # processes, threads, descriptors and PSS (KiB) of a process and its descendants
