@@ -89,7 +89,11 @@ fn clap_one_line(e: &clap::Error) -> String {
         {
             continue;
         }
-        let joined: Vec<&str> = para.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+        let joined: Vec<&str> = para
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
         parts.push(joined.join(" "));
     }
     let line = parts.join("; ");

@@ -135,7 +135,9 @@ impl ChartFile {
             .create(true)
             .truncate(false)
             .open(path)
-            .map_err(|e| UsageError(format!("cannot write the chart to {}: {e}", path.display())))?;
+            .map_err(|e| {
+                UsageError(format!("cannot write the chart to {}: {e}", path.display()))
+            })?;
         Ok(ChartFile {
             path: path.to_path_buf(),
             file: Some(file),
@@ -345,7 +347,7 @@ pub fn run(args: &BenchArgs, signals: &Signals) -> anyhow::Result<()> {
     }
     let _ = std::io::stdout().flush();
     if !comparison.points.is_empty() {
-        chart_file.write(&chart::render(&comparison))?;
+        chart_file.write(&chart::render(&comparison)?)?;
         if !args.json {
             println!("chart: {}", chart_path.display());
         }

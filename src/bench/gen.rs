@@ -578,11 +578,14 @@ impl<'a> Worker<'a> {
         })
     }
 
-    /// Whether the stop descriptor has fired (checked without waiting).
+    /// Whether the stop descriptor has fired with a stop request (checked without waiting).
     fn stop_fired(&self) -> bool {
         let Some(fd) = self.stop_fd else {
             return false;
         };
+        if !crate::signals::stop_requested() {
+            return false;
+        }
         let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
         matches!(
             nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO),
@@ -616,7 +619,8 @@ impl<'a> Worker<'a> {
         loop {
             let end = (iv.index + 1) as f64 * every;
             let complete = end <= upto;
-            if !complete && !(last && (iv.index as f64 * every) < upto) {
+            let started = (iv.index as f64 * every) < upto;
+            if !(complete || (last && started)) {
                 return;
             }
             let part = IntervalPart {
@@ -802,7 +806,13 @@ impl<'a> Worker<'a> {
             let now = Instant::now();
             for ev in &events[..n] {
                 if ev.data() == STOP_TOKEN {
-                    self.interrupted();
+                    if crate::signals::stop_requested() {
+                        self.interrupted();
+                    } else if let Some(fd) = self.stop_fd {
+                        // Not a stop request: empty the pipe, or it would wake us forever.
+                        let mut b = [0u8; 64];
+                        let _ = nix::unistd::read(fd, &mut b);
+                    }
                     continue;
                 }
                 if ev.data() == TIMER_TOKEN {
@@ -850,9 +860,7 @@ impl<'a> Worker<'a> {
                 break;
             };
             match self.slots[i].state {
-                State::Ready if self.interval == Duration::ZERO => {
-                    self.send_request(i, now, None)
-                }
+                State::Ready if self.interval == Duration::ZERO => self.send_request(i, now, None),
                 State::Closed if self.connecting < CONNECT_BUDGET && !self.budget_spent() => {
                     self.connect(i, now)
                 }

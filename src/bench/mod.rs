@@ -150,7 +150,10 @@ fn validate(args: &BenchArgs) -> Result<(), UsageError> {
     if args.service == BenchService::Reverse && args.size > u32::MAX as usize {
         return fail("--size is at most 4 GiB - 1 for reverse");
     }
-    if args.service == BenchService::Echo && args.size == 0 && args.scenario != compare::Scenario::Stevens {
+    if args.service == BenchService::Echo
+        && args.size == 0
+        && args.scenario != compare::Scenario::Stevens
+    {
         return fail(
             "echo has no framing: a 0-byte echo request sends nothing and gets nothing back, \
              so there is nothing to time; use -s 1 or more (reverse -s 0 sends its 4-byte header)",
@@ -168,6 +171,14 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     validate(args)?;
     raise_fd_limit();
     let signals = Signals::install().context("installing signal handlers")?;
+    // Only SIGINT and SIGTERM may wake the self-pipe here: it is the generator's stop signal,
+    // and the servers of --compare exiting must not look like one.
+    crate::sys::set_handler(
+        nix::sys::signal::Signal::SIGCHLD,
+        nix::sys::signal::SigHandler::SigDfl,
+        nix::sys::signal::SaFlags::empty(),
+    )
+    .context("installing signal handlers")?;
     if args.compare {
         if args.addr.is_some() || args.unix.is_some() {
             return Err(UsageError(
@@ -270,7 +281,10 @@ fn verdict(o: &Outcome, target: &str, signals: &Signals) -> anyhow::Result<()> {
         let why = if failed > 0 && o.errors.refused == failed {
             format!("nothing is listening at {target}: every connection was refused")
         } else if failed > 0 {
-            format!("all {failed} requests failed ({})", report::error_kinds(&o.errors))
+            format!(
+                "all {failed} requests failed ({})",
+                report::error_kinds(&o.errors)
+            )
         } else {
             format!("no answer arrived within {:.2} s", o.elapsed.as_secs_f64())
         };

@@ -247,8 +247,16 @@ pub fn interval_line(i: &Interval) -> String {
         "{:<17} {:>11.0} {:>10} {:>10} {:>8}",
         format!("{:.1}-{:.1} s", i.start_s, i.end_s),
         i.req_per_s,
-        if i.requests > 0 { us(i.p50_us) } else { "-".into() },
-        if i.requests > 0 { us(i.p99_us) } else { "-".into() },
+        if i.requests > 0 {
+            us(i.p50_us)
+        } else {
+            "-".into()
+        },
+        if i.requests > 0 {
+            us(i.p99_us)
+        } else {
+            "-".into()
+        },
         i.errors
     )
 }

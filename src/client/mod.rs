@@ -109,7 +109,8 @@ impl Input {
                 if f == "-" {
                     return Ok(Input::Stdin);
                 }
-                let cannot = |e: &dyn std::fmt::Display| UsageError(format!("cannot read {f}: {e}"));
+                let cannot =
+                    |e: &dyn std::fmt::Display| UsageError(format!("cannot read {f}: {e}"));
                 let file = std::fs::File::open(f).map_err(|e| cannot(&e))?;
                 if file.metadata().map_err(|e| cannot(&e))?.is_dir() {
                     return Err(cannot(&"it is a directory"));
@@ -357,7 +358,9 @@ fn echo_stream(
         return result;
     }
     match feeder.join() {
-        Ok(r) => r.map_err(|e| silent(e.into(), ep, timeout)).context("sending stdin")?,
+        Ok(r) => r
+            .map_err(|e| silent(e.into(), ep, timeout))
+            .context("sending stdin")?,
         Err(_) => bail!("stdin thread panicked"),
     }
     result
