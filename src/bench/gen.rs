@@ -444,6 +444,9 @@ struct Slot {
     connected_once: bool,
     /// Requests this slot had answered.
     answered: u64,
+    /// Whether this slot was ever given a request (a slot the `--requests` budget or the
+    /// open loop's rate never needed is not starved).
+    asked: bool,
 }
 
 const IDLE_TOKEN_BASE: u64 = 1 << 62;
@@ -527,6 +530,7 @@ impl<'a> Worker<'a> {
                 deadline: None,
                 connected_once: false,
                 answered: 0,
+                asked: false,
             })
             .collect();
         let interval = match spec.rate {
@@ -768,20 +772,16 @@ impl<'a> Worker<'a> {
             if end.is_some_and(|e| now >= e) || self.live.halted() {
                 break;
             }
-            if self.budget_spent()
-                && self
-                    .slots
-                    .iter()
-                    .all(|s| s.state != State::Busy && s.state != State::Connecting)
-            {
-                break;
-            }
-            if self.slots.is_empty() {
+            if self.all_done() {
                 break;
             }
             self.start_connects(now);
             self.open_loop_tick(now);
             self.run_again(now);
+            if self.all_done() {
+                // The run queue may have spent the budget: do not wait for events then.
+                continue;
+            }
             let mut timeout = self.timers.timeout(now);
             self.arm_timer(now)?;
             if let Some(e) = end {
@@ -845,10 +845,35 @@ impl<'a> Worker<'a> {
             latency: self.hist,
             elapsed,
             idle_established: self.idle.len() as u64,
-            starved: self.slots.iter().filter(|s| s.answered == 0).count() as u64,
+            starved: self
+                .slots
+                .iter()
+                .filter(|s| {
+                    // Starved: it wanted an answer and got none. A slot that the budget
+                    // ended before it asked (-n), or that an open loop never needed, did not.
+                    // A closed-loop slot that tried to connect and was not finished by the
+                    // budget wanted one too.
+                    s.answered == 0
+                        && (s.asked
+                            || (self.interval == Duration::ZERO
+                                && s.connected_once
+                                && s.state != State::Finished))
+                })
+                .count() as u64,
             ended: Ended::Completed,
             intervals: Vec::new(),
         })
+    }
+
+    /// Whether nothing is left to do: no slots, or the request budget spent and nothing in
+    /// flight.
+    fn all_done(&self) -> bool {
+        self.slots.is_empty()
+            || (self.budget_spent()
+                && self
+                    .slots
+                    .iter()
+                    .all(|s| s.state != State::Busy && s.state != State::Connecting))
     }
 
     /// Take slots off the run queue (at most [`RUN_BATCH`]): a Ready slot sends its next
@@ -935,6 +960,7 @@ impl<'a> Worker<'a> {
             }
             let slot = &mut self.slots[i];
             slot.answer = Some(slot.reqs.next_request());
+            slot.asked = true;
         }
         let s = match self.new_socket() {
             Ok(s) => s,
@@ -1010,6 +1036,7 @@ impl<'a> Worker<'a> {
             }
             let slot = &mut self.slots[i];
             slot.answer = Some(slot.reqs.next_request());
+            slot.asked = true;
             // Open loop: latency counts from when the request fell due. Closed loop: from
             // now (read afresh: `now` is when the event batch began, and an answer read
             // later in the same batch would seem to take no time), or from the connect

@@ -245,7 +245,7 @@ pub fn interval_header() -> String {
 pub fn interval_line(i: &Interval) -> String {
     format!(
         "{:<17} {:>11.0} {:>10} {:>10} {:>8}",
-        format!("{:.1}-{:.1} s", i.start_s, i.end_s),
+        format!("{:.2}-{:.2} s", i.start_s, i.end_s),
         i.req_per_s,
         if i.requests > 0 {
             us(i.p50_us)

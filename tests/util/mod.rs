@@ -260,3 +260,144 @@ pub fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
     cond()
 }
+
+/// Every descendant of `pid` (children, their children...), as `/proc` shows them now.
+pub fn descendants_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        for (c, _) in children_of(p) {
+            out.push(c);
+            todo.push(c);
+        }
+    }
+    out
+}
+
+/// Whether a process exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|r| r.1.split_whitespace().next())
+            .is_some_and(|state| state != "Z"),
+        Err(_) => false,
+    }
+}
+
+/// A `socklab` run in the background whose descendants are recorded while it runs, so a
+/// test can check that none outlives it.
+pub struct Watched {
+    pub child: Child,
+    /// Every descendant seen so far.
+    pub seen: Vec<u32>,
+}
+
+impl Watched {
+    /// Start `socklab ARGS` with stdout and stderr captured.
+    pub fn start(args: &[&str]) -> Watched {
+        let child = Command::new(BIN)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn socklab");
+        Watched {
+            child,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Record the current descendants.
+    pub fn look(&mut self) {
+        for p in descendants_of(self.child.id()) {
+            if !self.seen.contains(&p) {
+                self.seen.push(p);
+            }
+        }
+    }
+
+    /// Keep looking until `cond(descendants seen)` holds or `limit` passes.
+    pub fn wait_for(&mut self, limit: Duration, mut cond: impl FnMut(&[u32]) -> bool) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            self.look();
+            if cond(&self.seen) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// Wait for the exit (looking at descendants meanwhile); status, stdout, stderr.
+    pub fn finish(mut self, limit: Duration) -> (ExitStatus, String, String, Vec<u32>) {
+        let mut out = self.child.stdout.take().unwrap();
+        let mut err = self.child.stderr.take().unwrap();
+        let o = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = out.read_to_string(&mut s);
+            s
+        });
+        let e = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err.read_to_string(&mut s);
+            s
+        });
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            self.look();
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("socklab did not exit within {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        (
+            status,
+            o.join().unwrap(),
+            e.join().unwrap(),
+            self.seen.clone(),
+        )
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Assert that none of `pids` is alive within `limit` (they may take a moment to exit).
+#[track_caller]
+pub fn assert_all_gone(pids: &[u32], limit: Duration, what: &str) {
+    let ok = eventually(limit, || pids.iter().all(|&p| !alive(p)));
+    let left: Vec<u32> = pids.iter().copied().filter(|&p| alive(p)).collect();
+    assert!(ok, "{what}: processes left running: {left:?}");
+}
+
+/// Run `socklab ARGS` to the end with `stdin`; the output.
+pub fn socklab_output(args: &[&str], stdin: &[u8]) -> std::process::Output {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    let data = stdin.to_vec();
+    let feeder = std::thread::spawn(move || {
+        let _ = input.write_all(&data);
+    });
+    let out = child.wait_with_output().unwrap();
+    feeder.join().unwrap();
+    out
+}
