@@ -102,7 +102,7 @@ pub struct ListenOptions {
     pub backlog: i32,
     /// Open the first listener of an `SO_REUSEPORT` group (the reactors model): the port
     /// is taken exclusively, and only then opened to the group's siblings
-    /// ([`Listener::sibling`]). See [`listen_inet`] for why.
+    /// ([`Listener::sibling`]). Why: see the comment on `listen_inet` in this file.
     pub reuse_port: bool,
 }
 

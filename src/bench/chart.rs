@@ -143,7 +143,8 @@ fn draw(c: &Comparison, svg: &mut String) -> DrawResult<()> {
         .fold(0.0, f64::max);
     let rps_range = 0.0..if max_rps > 0.0 { max_rps * 1.1 } else { 1.0 };
     let (lat_lo, lat_hi) = decades(p99.iter().flat_map(|l| l.points.iter().map(|p| p.1)));
-    let lat_range = (lat_lo..lat_hi).log_scale();
+    // A little beyond the decades, so their ticks fall inside and are labelled.
+    let lat_range = (lat_lo * 0.9..lat_hi * 1.1).log_scale();
     let rps_title = "verified requests per second";
     let lat_title = "p99 latency (ms, log scale)";
     let x_max = xs.last().copied().unwrap_or(1.0);
