@@ -97,28 +97,6 @@ fn the_quick_start_runs_as_written() {
     );
 }
 
-/// Processes in process group `pgid` that are alive.
-fn process_group_members(pgid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let Some(rest) = stat.rsplit_once(')').map(|x| x.1) else {
-            continue;
-        };
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        // state(0) ppid(1) pgrp(2)
-        if f.len() > 2 && f[2].parse::<u32>().ok() == Some(pgid) && f[0] != "Z" {
-            out.push(pid);
-        }
-    }
-    out
-}
-
 /// Issue 12, item 10: the benchmark scripts find the binary where cargo put it
 /// (`CARGO_TARGET_DIR` included), never at a fixed `target/release`.
 #[test]

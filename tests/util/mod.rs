@@ -208,6 +208,21 @@ pub fn half_close(s: &TcpStream) {
 
 /// Processes whose parent is `pid`, with their state letter (`Z` = zombie).
 pub fn children_of(pid: u32) -> Vec<(u32, char)> {
+    processes_with(1, pid)
+}
+
+/// Processes in process group `pgid` that are not zombies.
+pub fn process_group_members(pgid: u32) -> Vec<u32> {
+    processes_with(2, pgid)
+        .into_iter()
+        .filter(|p| p.1 != 'Z')
+        .map(|p| p.0)
+        .collect()
+}
+
+/// Processes whose `/proc/PID/stat` field `field` (counted after the command name: state 0,
+/// ppid 1, pgrp 2) is `value`, with their state letter.
+fn processes_with(field: usize, value: u32) -> Vec<(u32, char)> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(p) = entry.file_name().to_string_lossy().parse::<u32>() else {
@@ -221,7 +236,7 @@ pub fn children_of(pid: u32) -> Vec<(u32, char)> {
             continue;
         };
         let fields: Vec<&str> = rest.split_whitespace().collect();
-        if fields.len() > 1 && fields[1].parse::<u32>().ok() == Some(pid) {
+        if fields.len() > field && fields[field].parse::<u32>().ok() == Some(value) {
             out.push((p, fields[0].chars().next().unwrap_or('?')));
         }
     }
@@ -381,23 +396,4 @@ pub fn assert_all_gone(pids: &[u32], limit: Duration, what: &str) {
     let ok = eventually(limit, || pids.iter().all(|&p| !alive(p)));
     let left: Vec<u32> = pids.iter().copied().filter(|&p| alive(p)).collect();
     assert!(ok, "{what}: processes left running: {left:?}");
-}
-
-/// Run `socklab ARGS` to the end with `stdin`; the output.
-pub fn socklab_output(args: &[&str], stdin: &[u8]) -> std::process::Output {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut input = child.stdin.take().unwrap();
-    let data = stdin.to_vec();
-    let feeder = std::thread::spawn(move || {
-        let _ = input.write_all(&data);
-    });
-    let out = child.wait_with_output().unwrap();
-    feeder.join().unwrap();
-    out
 }
