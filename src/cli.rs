@@ -41,6 +41,10 @@ pub enum Command {
     ///
     /// Example: `socklab bench --compare --quick`, `socklab bench 127.0.0.1:7000 -c 64 -d 10s`
     Bench(crate::bench::BenchArgs),
+    /// The software bus: an MQTT 3.1.1/5.0 broker, its clients and load generator.
+    ///
+    /// Example: `socklab bus serve --listen 127.0.0.1:0`, `socklab bus sub 'sensors/#'`
+    Bus(crate::bus::BusArgs),
     /// Print a shell completion script: `socklab completions bash > /etc/bash_completion.d/socklab`
     /// (zsh: into a directory of `$fpath` as `_socklab`; fish: `~/.config/fish/completions/socklab.fish`).
     Completions {
@@ -156,6 +160,7 @@ pub fn main() -> ExitCode {
         Command::Serve(args) => crate::server::run(args),
         Command::Client(args) => crate::client::run(args),
         Command::Bench(args) => crate::bench::run(args),
+        Command::Bus(args) => crate::bus::run(args, cli.verbose),
         // The lab has its own exit codes: 0 as the course says, 1 the kernel differed,
         // 2 the experiment could not run.
         Command::Lab(args) => return ExitCode::from(crate::lab::run(args, cli.verbose)),
