@@ -2,7 +2,9 @@
 //!
 //! # Layout
 //!
-//! - [`cli`]: the command line (`socklab serve|client|bench|lab|bus`), errors mapped to exit codes.
+//! - [`cli`]: the command line (`socklab serve|client|bench|lab|bus|completions|man`), errors as one
+//!   line and mapped to exit codes; shell completions and the man page from the same
+//!   definitions (`clap_complete`, `clap_mangen`).
 //! - [`net`]: resolving addresses (`AF_UNSPEC`, like `getaddrinfo`) and opening listeners and
 //!   connections: TCP over IPv4/IPv6, Unix stream sockets, UDP.
 //! - [`service`]: the protocols, written once and without I/O ("sans-IO"): echo, discard,

@@ -906,6 +906,16 @@ fn drive_blocking(
     }
 }
 
+/// `recv(2)` into an initialised buffer, with flags.
+///
+/// # Errors
+/// `recv`'s errno.
+pub fn recv(sock: &Socket, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let flags = nix::sys::socket::MsgFlags::from_bits_truncate(flags);
+    nix::sys::socket::recv(sock.as_raw_fd(), buf, flags).map_err(io::Error::from)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -925,14 +935,4 @@ mod tests {
         assert_eq!(b.space().len(), SMALL_READ);
         assert_eq!(b.data(usize::MAX).len(), SMALL_READ);
     }
-}
-
-/// `recv(2)` into an initialised buffer, with flags.
-///
-/// # Errors
-/// `recv`'s errno.
-pub fn recv(sock: &Socket, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
-    use std::os::fd::AsRawFd;
-    let flags = nix::sys::socket::MsgFlags::from_bits_truncate(flags);
-    nix::sys::socket::recv(sock.as_raw_fd(), buf, flags).map_err(io::Error::from)
 }
