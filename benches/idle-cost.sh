@@ -51,13 +51,14 @@ PY
 
 printf '%-10s %7s %9s %8s %8s %10s %12s\n' model conns served procs threads fds "PSS MiB"
 for m in "${models[@]}"; do
-  "$bin" serve reverse --model "$m" --listen 127.0.0.1:0 --workers 2 >"$tmp/addr" 2>"$tmp/err" &
+  "$bin" serve reverse --model "$m" --listen 127.0.0.1:0 --workers 2 --backlog $((n + 64)) >"$tmp/addr" 2>"$tmp/err" &
   pid=$!
   pids+=("$pid")
   while [ ! -s "$tmp/addr" ]; do sleep 0.05; done
   addr=$(head -1 "$tmp/addr")
   # Iterative and prefork serve one client per worker: the rest wait in the backlog, which
-  # is what they cost (nothing), so they are measured with N connections all the same.
+  # is what they cost (nothing), so they are measured with N connections all the same (the
+  # backlog is made big enough to hold them: past it, connect would block).
   python3 - "$addr" "$n" >"$tmp/client.out" <<'PY' &
 import socket, sys, time, struct
 host, port = sys.argv[1].rsplit(":", 1); n = int(sys.argv[2])
