@@ -336,10 +336,7 @@ pub fn received_signal(signals: &Signals) -> Option<i32> {
 
 /// Raise the soft limit on open descriptors to the hard limit: 10,000 connections need it.
 pub fn raise_fd_limit() {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
-    }
+    let _ = crate::sys::raise_fd_limit();
 }
 
 /// Descriptors a process needs besides its connections (epoll, pipes, logs, listeners).

@@ -134,6 +134,17 @@ impl Server {
     }
 }
 
+impl Server {
+    /// The exit status and stderr of a server that exits by itself (within 15 s), without
+    /// signalling it.
+    pub fn stop_waited(mut self) -> (ExitStatus, String) {
+        let status = wait_timeout(&mut self.child, Duration::from_secs(15))
+            .expect("server did not exit within 15 s");
+        let err = self.stderr.take().unwrap().join().unwrap();
+        (status, err)
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
@@ -274,6 +285,54 @@ pub fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
     cond()
+}
+
+/// Open descriptors of a process (entries of `/proc/PID/fd`).
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// The server process and its children (workers, per-connection processes).
+pub fn process_tree(pid: u32) -> Vec<u32> {
+    let mut pids = vec![pid];
+    pids.extend(children_of(pid).into_iter().map(|c| c.0));
+    pids
+}
+
+/// Raise this test process's soft descriptor limit to its hard limit (tests that hold
+/// hundreds of connections).
+pub fn raise_own_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+}
+
+/// A server started through `sh -c` (to set a `ulimit` first): `socklab serve ARGS`.
+pub fn start_with_shell(prefix: &str, args: &[&str]) -> Server {
+    let cmd = format!("{prefix}; exec {BIN} serve {}", args.join(" "));
+    let mut child = Command::new("sh")
+        .args(["-c", &cmd])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn sh");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let stderr = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    assert!(!line.trim().is_empty(), "server printed no address: {cmd}");
+    Server {
+        child,
+        addr: line.trim().to_string(),
+        stderr: Some(stderr),
+    }
 }
 
 /// Every descendant of `pid` (children, their children...), as `/proc` shows them now.
