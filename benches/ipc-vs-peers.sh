@@ -29,8 +29,7 @@ command -v stress-ng >/dev/null || need+=(stress-ng)
 if [ "${#need[@]}" -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-cargo build --release -q
-socklab=target/release/socklab
+socklab=$(socklab_build)
 [ "$(nproc)" -ge 2 ] || { echo "needs two CPUs"; exit 2; }
 
 # Each measure prints one line: "mean_us p50_us" (round trips) or "MB/s" (throughput).

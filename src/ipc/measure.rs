@@ -405,7 +405,7 @@ fn stream(end: &mut dyn End, plan: &Plan, on_int: OnInterrupt<'_>) -> anyhow::Re
     let mut measured = 0u64;
     loop {
         // Looking at the clock costs about as much as a message through the ring: every 64.
-        if measured % 64 == 0 && done(plan, measured, start) {
+        if measured.is_multiple_of(64) && done(plan, measured, start) {
             break;
         }
         if let Stop::Count(n) = plan.stop {

@@ -69,7 +69,10 @@ impl Region {
     /// # Panics
     /// If `at` is misaligned or out of range (a bug in the caller's layout).
     pub fn u32_at(&self, at: usize) -> &AtomicU32 {
-        assert!(at % 4 == 0 && at + 4 <= self.len, "bad layout: u32 at {at}");
+        assert!(
+            at.is_multiple_of(4) && at + 4 <= self.len,
+            "bad layout: u32 at {at}"
+        );
         // SAFETY: in range and aligned (checked above); the mapping lives as long as `self`,
         // and atomics make concurrent access from the other side well defined.
         unsafe { &*(self.ptr.as_ptr().add(at) as *const AtomicU32) }
@@ -77,7 +80,10 @@ impl Region {
 
     /// An atomic 32-bit signed word at byte offset `at`.
     pub fn i32_at(&self, at: usize) -> &AtomicI32 {
-        assert!(at % 4 == 0 && at + 4 <= self.len, "bad layout: i32 at {at}");
+        assert!(
+            at.is_multiple_of(4) && at + 4 <= self.len,
+            "bad layout: i32 at {at}"
+        );
         // SAFETY: as in `u32_at`.
         unsafe { &*(self.ptr.as_ptr().add(at) as *const AtomicI32) }
     }
@@ -123,7 +129,7 @@ impl Region {
     pub fn sem_at(&self, at: usize, value: u32) -> io::Result<&Sem> {
         let size = std::mem::size_of::<libc::sem_t>();
         assert!(
-            at % 8 == 0 && at + size <= self.len,
+            at.is_multiple_of(8) && at + size <= self.len,
             "bad layout: sem at {at}"
         );
         // SAFETY: the place is inside the mapping, aligned, zeroed and used for nothing else;
@@ -142,7 +148,7 @@ impl Region {
     pub fn sem(&self, at: usize) -> &Sem {
         let size = std::mem::size_of::<libc::sem_t>();
         assert!(
-            at % 8 == 0 && at + size <= self.len,
+            at.is_multiple_of(8) && at + size <= self.len,
             "bad layout: sem at {at}"
         );
         // SAFETY: in range and aligned; the caller initialised a semaphore there with
@@ -153,7 +159,10 @@ impl Region {
 
     /// An atomic 64-bit word at byte offset `at` (8-aligned).
     pub fn u64_at(&self, at: usize) -> &std::sync::atomic::AtomicU64 {
-        assert!(at % 8 == 0 && at + 8 <= self.len, "bad layout: u64 at {at}");
+        assert!(
+            at.is_multiple_of(8) && at + 8 <= self.len,
+            "bad layout: u64 at {at}"
+        );
         // SAFETY: as in `u32_at`.
         unsafe { &*(self.ptr.as_ptr().add(at) as *const std::sync::atomic::AtomicU64) }
     }

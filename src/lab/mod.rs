@@ -299,7 +299,7 @@ pub fn run(args: &LabArgs, _verbose: u8) -> u8 {
         return overall(&reports);
     }
     let Some(exp) = find(name) else {
-        eprintln!("socklab lab: unknown experiment `{name}` (try `socklab lab --list`)");
+        eprintln!("socklab: error: unknown experiment `{name}` (try `socklab lab --list`)");
         return 2;
     };
     let report = run_experiment(exp);

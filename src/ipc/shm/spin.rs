@@ -31,13 +31,13 @@ thread_local! {
 /// `Interrupted` when a SIGUSR2/SIGCHLD arrived since the last interrupt this thread saw.
 pub fn pause(spins: &mut u32) -> io::Result<()> {
     *spins = spins.wrapping_add(1);
-    if *spins % 1024 == 0 {
+    if (*spins).is_multiple_of(1024) {
         let now = INTERRUPTS.load(Ordering::Relaxed);
         if now != SEEN.get() {
             SEEN.set(now);
             return Err(io::Error::from(io::ErrorKind::Interrupted));
         }
-        if *spins % 65536 == 0 {
+        if (*spins).is_multiple_of(65536) {
             std::thread::yield_now();
         }
     }
