@@ -41,6 +41,12 @@ pub enum Command {
     ///
     /// Example: `socklab bench --compare --quick`, `socklab bench 127.0.0.1:7000 -c 64 -d 10s`
     Bench(crate::bench::BenchArgs),
+    /// Measure every IPC mechanism of the course, every message verified; or the
+    /// producer/consumer problem.
+    ///
+    /// Example: `socklab ipc pipe`, `socklab ipc --compare --quick`,
+    /// `socklab ipc producer-consumer --impl condvar`
+    Ipc(crate::ipc::IpcArgs),
     /// The software bus: an MQTT 3.1.1/5.0 broker, its clients and load generator.
     ///
     /// Example: `socklab bus serve --listen 127.0.0.1:0`, `socklab bus sub 'sensors/#'`
@@ -160,6 +166,7 @@ pub fn main() -> ExitCode {
         Command::Serve(args) => crate::server::run(args),
         Command::Client(args) => crate::client::run(args),
         Command::Bench(args) => crate::bench::run(args),
+        Command::Ipc(args) => crate::ipc::run(args),
         Command::Bus(args) => crate::bus::run(args, cli.verbose),
         // The lab has its own exit codes: 0 as the course says, 1 the kernel differed,
         // 2 the experiment could not run.
