@@ -127,6 +127,9 @@ pub struct BusConfig {
     pub max_rules: usize,
     /// Calls one connection may have waiting for replies.
     pub max_pending: usize,
+    /// Calls all connections together may have waiting for replies (each costs the bus a
+    /// few hundred bytes until it is answered or times out).
+    pub max_pending_total: usize,
     /// A call's timeout when it sets none.
     pub default_timeout: Duration,
     /// The longest timeout a call may set.
@@ -141,6 +144,7 @@ impl Default for BusConfig {
             max_names: 512,
             max_rules: 512,
             max_pending: 1024,
+            max_pending_total: 100_000,
             default_timeout: Duration::from_secs(25),
             max_timeout: Duration::from_secs(600),
             max_introspect: 64 << 10,
@@ -701,6 +705,21 @@ impl Bus {
                         ),
                     );
                 }
+                if self.calls.len() >= self.cfg.max_pending_total {
+                    tracing::warn!(
+                        calls = self.calls.len(),
+                        "the bus's cap of calls waiting for replies is reached"
+                    );
+                    return self.error_to(
+                        from,
+                        msg,
+                        error::LIMITS_EXCEEDED,
+                        &format!(
+                            "the bus has {} calls waiting for replies, its limit",
+                            self.cfg.max_pending_total
+                        ),
+                    );
+                }
                 self.next_serial += 1;
                 let serial = self.next_serial;
                 let deadline = now + timeout;
@@ -815,7 +834,10 @@ impl Bus {
         match self.calls.get(&serial) {
             Some(c) if c.callee == from => {}
             Some(_) => {
-                tracing::info!(serial, "reply from a connection the call was not routed to: dropped");
+                tracing::info!(
+                    serial,
+                    "reply from a connection the call was not routed to: dropped"
+                );
                 return;
             }
             None => {
@@ -841,7 +863,10 @@ impl Bus {
         } else {
             Kind::Return
         };
-        let mut up = vec![kv(prop::TYPE, kind.as_str()), (Arc::from(prop::SENDER), sender)];
+        let mut up = vec![
+            kv(prop::TYPE, kind.as_str()),
+            (Arc::from(prop::SENDER), sender),
+        ];
         if let Some(e) = err {
             up.push(kv(prop::ERROR, e));
         }
@@ -858,7 +883,9 @@ impl Bus {
         self.send(c.caller, m.clone(), c.qos);
         if !self.monitors.is_empty() {
             let mut copy = (*m).clone();
-            copy.props.user.push(kv(prop::REPLY_SERIAL, &serial.to_string()));
+            copy.props
+                .user
+                .push(kv(prop::REPLY_SERIAL, &serial.to_string()));
             if let Some(u) = self.peers.get(&c.caller).map(|p| p.unique.clone()) {
                 copy.props.user.push((Arc::from(prop::DESTINATION), u));
             }
@@ -990,7 +1017,10 @@ impl Bus {
             kv(prop::INTERFACE, DRIVER),
             kv(prop::MEMBER, member),
         ];
-        if let Some(u) = to.and_then(|c| self.peers.get(&c)).map(|p| p.unique.clone()) {
+        if let Some(u) = to
+            .and_then(|c| self.peers.get(&c))
+            .map(|p| p.unique.clone())
+        {
             up.push((Arc::from(prop::DESTINATION), u));
         } else if to.is_some() {
             return;
@@ -1114,10 +1144,7 @@ impl Bus {
                 if doc.len() > self.cfg.max_introspect {
                     return Err((
                         error::LIMITS_EXCEEDED,
-                        format!(
-                            "introspection data over {} bytes",
-                            self.cfg.max_introspect
-                        ),
+                        format!("introspection data over {} bytes", self.cfg.max_introspect),
                     ));
                 }
                 if let Some(p) = self.peers.get_mut(&from) {
@@ -1214,7 +1241,10 @@ impl Bus {
             "ListQueuedOwners" => {
                 let name = str_arg(&args, 0)?;
                 let q: Vec<Value> = if name.starts_with(':') {
-                    self.resolve(name).map(|_| json!(name)).into_iter().collect()
+                    self.resolve(name)
+                        .map(|_| json!(name))
+                        .into_iter()
+                        .collect()
                 } else {
                     self.names
                         .queue(name)
@@ -1269,10 +1299,7 @@ impl Bus {
                 Ok(vec![])
             }
             "GetId" => Ok(vec![json!(self.id)]),
-            m => Err((
-                error::UNKNOWN_METHOD,
-                format!("the bus has no method {m}"),
-            )),
+            m => Err((error::UNKNOWN_METHOD, format!("the bus has no method {m}"))),
         }
     }
 }
@@ -1326,7 +1353,8 @@ mod tests {
             })
             .collect();
         if let Some(c) = reply {
-            p.properties.response_topic = Some(TopicName::try_from(format!("r/{conn}").as_str()).unwrap());
+            p.properties.response_topic =
+                Some(TopicName::try_from(format!("r/{conn}").as_str()).unwrap());
             p.properties.correlation_data = Some(Bytes::copy_from_slice(c));
         }
         b.packet(conn, v5::Packet::Publish(p), now);
@@ -1411,7 +1439,12 @@ mod tests {
         taken(&mut b);
         call(&mut b, 1, DRIVER, "RequestName", json!(["a.b", 0]), b"x");
         let s = |c: ConnId, k: &str, w: &str, a: Value| {
-            (c, k.to_string(), w.to_string(), a.as_array().unwrap().clone())
+            (
+                c,
+                k.to_string(),
+                w.to_string(),
+                a.as_array().unwrap().clone(),
+            )
         };
         assert_eq!(
             seen(&mut b),
@@ -1427,7 +1460,12 @@ mod tests {
         assert_eq!(
             seen(&mut b),
             vec![
-                s(3, "signal", "NameOwnerChanged", json!(["a.b", ":1.1", ":1.2"])),
+                s(
+                    3,
+                    "signal",
+                    "NameOwnerChanged",
+                    json!(["a.b", ":1.1", ":1.2"])
+                ),
                 s(2, "signal", "NameAcquired", json!(["a.b"])),
             ]
         );
@@ -1544,7 +1582,10 @@ mod tests {
         let got = seen(&mut b);
         assert_eq!(got[0].0, 2);
         assert_eq!(got[0].2, error::NO_REPLY);
-        assert_eq!(got[0].3, vec![json!("the recipient disconnected without replying")]);
+        assert_eq!(
+            got[0].3,
+            vec![json!("the recipient disconnected without replying")]
+        );
         // A timeout: the owner never answers.
         connect(&mut b, 3);
         call(&mut b, 3, DRIVER, "RequestName", json!(["svc.z", 0]), b"o");
@@ -1559,7 +1600,10 @@ mod tests {
             t0,
         );
         taken(&mut b);
-        assert_eq!(b.next_call_deadline(), Some(t0 + Duration::from_millis(300)));
+        assert_eq!(
+            b.next_call_deadline(),
+            Some(t0 + Duration::from_millis(300))
+        );
         b.expire_calls(t0 + Duration::from_millis(299));
         assert!(taken(&mut b).is_empty());
         b.expire_calls(t0 + Duration::from_millis(300));
@@ -1567,6 +1611,53 @@ mod tests {
         assert_eq!((got[0].0, got[0].2.as_str()), (2, error::NO_REPLY));
         assert_eq!(b.bus().pending_calls(), 0);
         assert_eq!(b.next_call_deadline(), None);
+    }
+
+    #[test]
+    fn calls_waiting_for_replies_are_capped_per_connection_and_in_all() {
+        let cfg = BrokerConfig {
+            bus: BusConfig {
+                max_pending: 3,
+                max_pending_total: 5,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let mut b = Broker::new(cfg, Arc::new(AllowAll), Instant::now());
+        for c in [1, 2, 3] {
+            connect(&mut b, c);
+        }
+        call(
+            &mut b,
+            1,
+            DRIVER,
+            "RequestName",
+            json!(["svc.never", 0]),
+            b"o",
+        );
+        taken(&mut b);
+        let mut refused = |b: &mut Broker, from: ConnId| {
+            call(b, from, "svc.never", "Wait", json!([]), b"w");
+            seen(b)
+                .into_iter()
+                .filter(|(c, _, w, _)| *c == from && w == error::LIMITS_EXCEEDED)
+                .count()
+        };
+        // Three from connection 2 reach the owner; its fourth is refused.
+        assert_eq!((0..3).map(|_| refused(&mut b, 2)).sum::<usize>(), 0);
+        assert_eq!(refused(&mut b, 2), 1);
+        // Two more from connection 3 fill the bus's cap; the next is refused.
+        assert_eq!((0..2).map(|_| refused(&mut b, 3)).sum::<usize>(), 0);
+        assert_eq!(refused(&mut b, 3), 1);
+        assert_eq!(b.bus().pending_calls(), 5);
+        // The owner leaves: every waiting call is answered NoReply, and room is free again.
+        b.closed(1, true, Instant::now());
+        let no_reply = seen(&mut b)
+            .into_iter()
+            .filter(|(_, _, w, _)| w == error::NO_REPLY)
+            .count();
+        assert_eq!(no_reply, 5);
+        assert_eq!(b.bus().pending_calls(), 0);
     }
 
     #[test]
@@ -1578,7 +1669,14 @@ mod tests {
         call(&mut b, 2, ":1.1", "Ping", json!([]), b"p");
         let got = seen(&mut b);
         assert_eq!(got, vec![(2, "method_return".into(), "".into(), vec![])]);
-        call(&mut b, 1, DRIVER, "SetIntrospection", json!(["<node/>"]), b"s");
+        call(
+            &mut b,
+            1,
+            DRIVER,
+            "SetIntrospection",
+            json!(["<node/>"]),
+            b"s",
+        );
         call(&mut b, 1, DRIVER, "RequestName", json!(["a.b", 0]), b"o");
         call(&mut b, 2, DRIVER, "RequestName", json!(["a.b", 0]), b"o");
         taken(&mut b);
@@ -1586,18 +1684,29 @@ mod tests {
             &mut b,
             2,
             &format!("{CALL_TOPIC}a.b"),
-            &[(prop::MEMBER, "Introspect"), (prop::INTERFACE, INTROSPECTABLE)],
+            &[
+                (prop::MEMBER, "Introspect"),
+                (prop::INTERFACE, INTROSPECTABLE),
+            ],
             json!([]),
             Some(b"i"),
             Instant::now(),
         );
         assert_eq!(seen(&mut b)[0].3, vec![json!("<node/>")]);
         for (m, a, want) in [
-            ("ListNames", json!([]), json!([[DRIVER, "a.b", ":1.1", ":1.2"]])),
+            (
+                "ListNames",
+                json!([]),
+                json!([[DRIVER, "a.b", ":1.1", ":1.2"]]),
+            ),
             ("GetNameOwner", json!(["a.b"]), json!([":1.1"])),
             ("NameHasOwner", json!(["a.b"]), json!([true])),
             ("NameHasOwner", json!(["c.d"]), json!([false])),
-            ("ListQueuedOwners", json!(["a.b"]), json!([[":1.1", ":1.2"]])),
+            (
+                "ListQueuedOwners",
+                json!(["a.b"]),
+                json!([[":1.1", ":1.2"]]),
+            ),
         ] {
             call(&mut b, 2, DRIVER, m, a, b"q");
             assert_eq!(seen(&mut b)[0].3, want.as_array().unwrap().clone(), "{m}");
@@ -1618,9 +1727,23 @@ mod tests {
         for c in [1, 2, 3, 4] {
             connect(&mut b, c);
         }
-        call(&mut b, 2, DRIVER, "AddMatch", json!(["member='Changed'"]), b"m");
+        call(
+            &mut b,
+            2,
+            DRIVER,
+            "AddMatch",
+            json!(["member='Changed'"]),
+            b"m",
+        );
         call(&mut b, 3, DRIVER, "AddMatch", json!(["arg0='eth1'"]), b"m");
-        call(&mut b, 3, DRIVER, "AddMatch", json!(["path_namespace='/net'"]), b"m");
+        call(
+            &mut b,
+            3,
+            DRIVER,
+            "AddMatch",
+            json!(["path_namespace='/net'"]),
+            b"m",
+        );
         taken(&mut b);
         let sig = |b: &mut Broker, path: &str, member: &str, a: Value, dest: Option<&str>| {
             let mut props = vec![(prop::PATH, path)];
@@ -1642,14 +1765,27 @@ mod tests {
         };
         assert_eq!(sig(&mut b, "/x", "Changed", json!(["eth0"]), None), vec![2]);
         assert_eq!(sig(&mut b, "/x", "Added", json!(["eth1"]), None), vec![3]);
-        assert_eq!(sig(&mut b, "/net/a", "Changed", json!([]), None), vec![2, 3]);
-        assert_eq!(sig(&mut b, "/x", "Other", json!([]), None), Vec::<ConnId>::new());
+        assert_eq!(
+            sig(&mut b, "/net/a", "Changed", json!([]), None),
+            vec![2, 3]
+        );
+        assert_eq!(
+            sig(&mut b, "/x", "Other", json!([]), None),
+            Vec::<ConnId>::new()
+        );
         assert_eq!(sig(&mut b, "/x", "Other", json!([]), Some(":1.4")), vec![4]);
         // A monitor sees everything.
         call(&mut b, 4, DRIVER, "BecomeMonitor", json!([[], 0]), b"m");
         taken(&mut b);
         assert_eq!(sig(&mut b, "/x", "Other", json!([]), None), vec![4]);
-        call(&mut b, 2, DRIVER, "RemoveMatch", json!(["member='Changed'"]), b"m");
+        call(
+            &mut b,
+            2,
+            DRIVER,
+            "RemoveMatch",
+            json!(["member='Changed'"]),
+            b"m",
+        );
         taken(&mut b);
         assert_eq!(sig(&mut b, "/x", "Changed", json!([]), None), vec![4]);
     }

@@ -113,6 +113,12 @@ pub struct ServeArgs {
     /// Longest keep-alive accepted (longer or none: the server's keep-alive is imposed).
     #[arg(long)]
     pub max_keep_alive: Option<u16>,
+    /// Method calls one connection may have waiting for replies (past it: LimitsExceeded).
+    #[arg(long, default_value_t = 1024)]
+    pub max_calls: usize,
+    /// Method calls all connections together may have waiting for replies.
+    #[arg(long, default_value_t = 100_000)]
+    pub max_calls_total: usize,
     /// How often $SYS/broker/... is published.
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     pub sys_interval: Duration,
@@ -143,6 +149,11 @@ pub fn run(args: &BusArgs, verbose: u8) -> anyhow::Result<()> {
                     max_packet: a.max_packet.min(u32::MAX as usize) as u32,
                     max_keep_alive: a.max_keep_alive,
                     sys_interval: a.sys_interval,
+                    bus: dbus::BusConfig {
+                        max_pending: a.max_calls.max(1),
+                        max_pending_total: a.max_calls_total.max(1),
+                        ..Default::default()
+                    },
                     ..Default::default()
                 },
             };

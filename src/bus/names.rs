@@ -176,8 +176,13 @@ impl Registry {
         let flags = flags & (ALLOW_REPLACEMENT | REPLACE_EXISTING | DO_NOT_QUEUE);
         let Some((key, queue)) = self.names.get_key_value(name) else {
             let key: Arc<str> = name.into();
-            self.names
-                .insert(key.clone(), VecDeque::from([Entry { owner: caller, flags }]));
+            self.names.insert(
+                key.clone(),
+                VecDeque::from([Entry {
+                    owner: caller,
+                    flags,
+                }]),
+            );
             self.by_owner.entry(caller).or_default().insert(key.clone());
             events.push(NameEvent::OwnerChanged {
                 name: key.clone(),
@@ -208,7 +213,10 @@ impl Registry {
             } else {
                 Self::forget(&mut self.by_owner, primary.owner, &key);
             }
-            queue.push_front(Entry { owner: caller, flags });
+            queue.push_front(Entry {
+                owner: caller,
+                flags,
+            });
             self.by_owner.entry(caller).or_default().insert(key.clone());
             events.push(NameEvent::Lost {
                 owner: primary.owner,
@@ -235,7 +243,10 @@ impl Registry {
         match queued_at {
             Some(i) => queue[i].flags = flags,
             None => {
-                queue.push_back(Entry { owner: caller, flags });
+                queue.push_back(Entry {
+                    owner: caller,
+                    flags,
+                });
                 self.by_owner.entry(caller).or_default().insert(key);
             }
         }
@@ -322,7 +333,10 @@ impl Registry {
 
     /// The primary owner of `name`.
     pub fn owner(&self, name: &str) -> Option<Owner> {
-        self.names.get(name).and_then(|q| q.front()).map(|e| e.owner)
+        self.names
+            .get(name)
+            .and_then(|q| q.front())
+            .map(|e| e.owner)
     }
 
     /// The primary owner of `name` then those waiting, in order (empty if nobody owns it).
@@ -398,7 +412,9 @@ mod tests {
             assert!(valid_well_known(ok), "{ok}");
         }
         let long = format!("a.{}", "b".repeat(254));
-        for bad in ["a", "", ".a", "a.", "a..b", "1a.b", "a.1b", "a.b/c", ":1.2", &long] {
+        for bad in [
+            "a", "", ".a", "a.", "a..b", "1a.b", "a.1b", "a.b/c", ":1.2", &long,
+        ] {
             assert!(!valid_well_known(bad), "{bad}");
         }
         let mut r = Registry::new(10);
@@ -427,8 +443,7 @@ mod tests {
                 let mut r = Registry::new(10);
                 assert_eq!(req(&mut r, 1, first), (PrimaryOwner, acquired(1, None)));
                 let (rep, ev) = req(&mut r, 2, second);
-                let replaces =
-                    second & REPLACE_EXISTING != 0 && first & ALLOW_REPLACEMENT != 0;
+                let replaces = second & REPLACE_EXISTING != 0 && first & ALLOW_REPLACEMENT != 0;
                 let ctx = format!("owner flags {first}, caller flags {second}");
                 if replaces {
                     assert_eq!(rep, PrimaryOwner, "{ctx}");
@@ -572,10 +587,7 @@ mod tests {
         let mut ev = Vec::new();
         r.request("a.a", 1, 0, &mut ev).unwrap();
         r.request("a.b", 1, 0, &mut ev).unwrap();
-        assert_eq!(
-            r.request("a.c", 1, 0, &mut ev),
-            Err(NameError::TooMany(2))
-        );
+        assert_eq!(r.request("a.c", 1, 0, &mut ev), Err(NameError::TooMany(2)));
         assert_eq!(r.request("a.b", 1, 0, &mut ev), Ok(AlreadyOwner));
     }
 }

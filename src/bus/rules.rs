@@ -165,9 +165,8 @@ impl Rule {
                     if r.kind.is_some() {
                         return Err(err("type given twice"));
                     }
-                    r.kind = Some(
-                        Kind::parse(&v).ok_or_else(|| err(format!("unknown type {v:?}")))?,
-                    );
+                    r.kind =
+                        Some(Kind::parse(&v).ok_or_else(|| err(format!("unknown type {v:?}")))?);
                     continue;
                 }
                 "sender" => &mut r.sender,

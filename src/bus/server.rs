@@ -520,8 +520,8 @@ fn event_loop(
             lp.read(t, now);
         }
         lp.expire(now);
-        let tick = index == 0
-            && (now >= next_tick || shared.call_deadline().is_some_and(|d| now >= d));
+        let tick =
+            index == 0 && (now >= next_tick || shared.call_deadline().is_some_and(|d| now >= d));
         lp.route(now, tick, &mut next_tick);
         lp.take_inbox();
         lp.flush_dirty();

@@ -426,7 +426,10 @@ fn run_command(a: &OwnArgs, call: &Call) -> Outcome {
         .env("SOCKLAB_BUS_SENDER", &call.sender)
         .env("SOCKLAB_BUS_DESTINATION", &call.destination)
         .env("SOCKLAB_BUS_PATH", &call.path)
-        .env("SOCKLAB_BUS_INTERFACE", call.interface.as_deref().unwrap_or(""))
+        .env(
+            "SOCKLAB_BUS_INTERFACE",
+            call.interface.as_deref().unwrap_or(""),
+        )
         .env("SOCKLAB_BUS_MEMBER", &call.member)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -452,7 +455,10 @@ fn run_command(a: &OwnArgs, call: &Call) -> Outcome {
         if left.is_zero() {
             failure = Some((
                 "org.freedesktop.DBus.Error.Timeout",
-                format!("the command ran longer than {:?}: killed", a.command_timeout),
+                format!(
+                    "the command ran longer than {:?}: killed",
+                    a.command_timeout
+                ),
             ));
             break;
         }
@@ -474,8 +480,16 @@ fn run_command(a: &OwnArgs, call: &Call) -> Outcome {
             }
             let ready = |f: &PollFd<'_>| f.revents().is_some_and(|r| !r.is_empty());
             let mut it = fds.iter();
-            let ro = if out_open { it.next().is_some_and(ready) } else { false };
-            let re = if err_open { it.next().is_some_and(ready) } else { false };
+            let ro = if out_open {
+                it.next().is_some_and(ready)
+            } else {
+                false
+            };
+            let re = if err_open {
+                it.next().is_some_and(ready)
+            } else {
+                false
+            };
             (ro, re)
         };
         if ro {
@@ -517,7 +531,10 @@ fn run_command(a: &OwnArgs, call: &Call) -> Outcome {
                 if failure.is_none() {
                     failure = Some((
                         "org.freedesktop.DBus.Error.Timeout",
-                        format!("the command ran longer than {:?}: killed", a.command_timeout),
+                        format!(
+                            "the command ran longer than {:?}: killed",
+                            a.command_timeout
+                        ),
                     ));
                 }
                 break None;
@@ -541,7 +558,11 @@ fn run_command(a: &OwnArgs, call: &Call) -> Outcome {
         };
         return Outcome::Error(
             error::FAILED,
-            if msg.is_empty() { how } else { format!("{msg} ({how})") },
+            if msg.is_empty() {
+                how
+            } else {
+                format!("{msg} ({how})")
+            },
         );
     }
     let mut s = String::from_utf8_lossy(&out).into_owned();
@@ -574,9 +595,10 @@ pub fn run_own(a: &OwnArgs) -> anyhow::Result<()> {
         return Err(UsageError("--jobs must be at least 1".into()).into());
     }
     let introspect = match &a.introspect {
-        Some(p) => Some(std::fs::read_to_string(p).map_err(|e| {
-            UsageError(format!("--introspect {}: {e}", p.display()))
-        })?),
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .map_err(|e| UsageError(format!("--introspect {}: {e}", p.display())))?,
+        ),
         None => None,
     };
     let mut c = connect(a.bus.as_deref())?;
@@ -643,11 +665,8 @@ pub fn run_own(a: &OwnArgs) -> anyhow::Result<()> {
             match m {
                 BusMessage::Call(call) => {
                     if let Err(mpsc::TrySendError::Full(call)) = tx.try_send(call) {
-                        let msg = format!(
-                            "busy: {} calls running and {} waiting",
-                            a.jobs,
-                            16 * a.jobs
-                        );
+                        let msg =
+                            format!("busy: {} calls running and {} waiting", a.jobs, 16 * a.jobs);
                         w.reply_error(&call, error::LIMITS_EXCEEDED, &msg)?;
                     }
                 }
