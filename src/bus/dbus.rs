@@ -525,8 +525,15 @@ impl Bus {
             .collect()
     }
 
-    /// Copies for monitors whose rules select the message.
-    fn to_monitors(&mut self, msg: &Arc<Message>, kind: Kind, from: Option<ConnId>) {
+    /// Copies for monitors whose rules select the message (not for `receiver`, a monitor
+    /// that was sent the message itself, such as the reply to its own `BecomeMonitor`).
+    fn to_monitors(
+        &mut self,
+        msg: &Arc<Message>,
+        kind: Kind,
+        from: Option<ConnId>,
+        receiver: Option<ConnId>,
+    ) {
         if self.monitors.is_empty() {
             return;
         }
@@ -544,6 +551,9 @@ impl Bus {
         };
         let mut to = Vec::new();
         for &mon in &self.monitors {
+            if Some(mon) == receiver {
+                continue;
+            }
             if let Some(rules) = self.peers.get(&mon).and_then(|p| p.monitor.as_ref()) {
                 if rules.is_empty() || rules.iter().any(|r| r.matches(&f)) {
                     to.push(mon);
@@ -577,7 +587,7 @@ impl Bus {
             None,
         );
         self.send(to, m.clone(), call.qos as u8);
-        self.to_monitors(&m, Kind::Error, None);
+        self.to_monitors(&m, Kind::Error, None, Some(to));
     }
 
     /// A reply from the bus itself (driver, `Ping`, `Introspect`).
@@ -607,7 +617,7 @@ impl Bus {
             None,
         );
         self.send(to, m.clone(), call.qos as u8);
-        self.to_monitors(&m, Kind::Return, None);
+        self.to_monitors(&m, Kind::Return, None, Some(to));
     }
 
     fn on_call(&mut self, from: ConnId, who: &Identity, dest: &str, msg: &Message, now: Instant) {
@@ -773,7 +783,7 @@ impl Bus {
             if let Some(s) = reply {
                 copy.props.user.push(kv(prop::SERIAL, &s.to_string()));
             }
-            self.to_monitors(&Arc::new(copy), Kind::Call, Some(from));
+            self.to_monitors(&Arc::new(copy), Kind::Call, Some(from), Some(callee));
         }
     }
 
@@ -817,7 +827,7 @@ impl Bus {
             None,
             Some(&msg.props),
         );
-        self.to_monitors(&m, Kind::Call, Some(from));
+        self.to_monitors(&m, Kind::Call, Some(from), None);
     }
 
     fn on_reply(&mut self, from: ConnId, msg: &Message) {
@@ -889,7 +899,7 @@ impl Bus {
             if let Some(u) = self.peers.get(&c.caller).map(|p| p.unique.clone()) {
                 copy.props.user.push((Arc::from(prop::DESTINATION), u));
             }
-            self.to_monitors(&Arc::new(copy), kind, Some(from));
+            self.to_monitors(&Arc::new(copy), kind, Some(from), Some(c.caller));
         }
     }
 
@@ -921,7 +931,7 @@ impl Bus {
             None,
         );
         self.send(c.caller, m.clone(), c.qos);
-        self.to_monitors(&m, Kind::Error, None);
+        self.to_monitors(&m, Kind::Error, None, Some(c.caller));
     }
 
     fn on_signal(&mut self, from: ConnId, rest: &str, msg: &Message) {
@@ -965,8 +975,9 @@ impl Bus {
     /// rule that selects it; and to monitors.
     fn signal(&mut self, m: Arc<Message>, from: Option<ConnId>, sender: &str) {
         let qos = m.qos as u8;
-        if let Some(d) = user(&m, prop::DESTINATION) {
-            if let Some(to) = self.resolve(d) {
+        let direct = user(&m, prop::DESTINATION).and_then(|d| self.resolve(d));
+        if user(&m, prop::DESTINATION).is_some() {
+            if let Some(to) = direct {
                 self.send(to, m.clone(), qos);
             }
         } else if !self.listeners.is_empty() {
@@ -1005,7 +1016,7 @@ impl Bus {
                 self.send(l, m.clone(), qos);
             }
         }
-        self.to_monitors(&m, Kind::Signal, from);
+        self.to_monitors(&m, Kind::Signal, from, direct);
     }
 
     /// A signal from the bus itself (`NameOwnerChanged`, `NameAcquired`, `NameLost`).

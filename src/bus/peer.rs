@@ -201,6 +201,8 @@ pub struct BusConnection {
     reply_topic: TopicName,
     next: u64,
     queue: VecDeque<BusMessage>,
+    /// After `BecomeMonitor`: every message is shown as it came ([`BusMessage::Other`]).
+    monitoring: bool,
 }
 
 impl BusConnection {
@@ -226,6 +228,7 @@ impl BusConnection {
             reply_topic,
             next: 0,
             queue: VecDeque::new(),
+            monitoring: false,
         })
     }
 
@@ -458,8 +461,9 @@ impl BusConnection {
             "BecomeMonitor",
             &[json!(rules), json!(0)],
             Duration::from_secs(25),
-        )
-        .map(drop)
+        )?;
+        self.monitoring = true;
+        Ok(())
     }
 
     /// Register the introspection XML returned for `Introspect` calls to this connection.
@@ -480,7 +484,7 @@ impl BusConnection {
             return Ok(Some(m));
         }
         Ok(self.read(wait)?.map(|p| {
-            if p.topic_name == self.reply_topic {
+            if self.monitoring || p.topic_name == self.reply_topic {
                 BusMessage::Other(Box::new(p))
             } else {
                 parse(p)

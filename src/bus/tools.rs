@@ -342,26 +342,9 @@ pub fn run_monitor(a: &ListenArgs) -> anyhow::Result<()> {
     }
     tracing::info!(unique = c.unique_name(), "monitoring");
     receive(&mut c, a, |m, out| {
-        let p = match m {
-            BusMessage::Other(p) => p,
-            // A monitor is sent copies only; a call or signal addressed to it is shown too.
-            BusMessage::Call(call) => {
-                writeln!(
-                    out,
-                    "method_call sender={} destination={} path={} interface={} member={} args={}",
-                    call.sender,
-                    call.destination,
-                    call.path,
-                    call.interface.as_deref().unwrap_or("-"),
-                    call.member,
-                    Value::Array(call.args.clone())
-                )?;
-                return Ok(true);
-            }
-            BusMessage::Signal(s) => {
-                writeln!(out, "signal {}", signal_line(&s, a.json))?;
-                return Ok(true);
-            }
+        // A monitor's messages all come as they were sent (see `become_monitor`).
+        let BusMessage::Other(p) = m else {
+            return Ok(false);
         };
         let get = |k: &str| {
             p.properties
