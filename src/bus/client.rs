@@ -75,6 +75,8 @@ pub struct Client {
     next_pid: u16,
     /// Packets received while waiting for something else (publications, mostly).
     pending: std::collections::VecDeque<v5::Packet>,
+    /// What each read lands in (allocated once).
+    rbuf: Box<[u8]>,
 }
 
 fn proto_err(e: impl std::fmt::Display) -> io::Error {
@@ -98,6 +100,7 @@ impl Client {
             buf: Vec::new(),
             next_pid: 0,
             pending: Default::default(),
+            rbuf: vec![0; 65536].into_boxed_slice(),
         };
         let mut connect = v5::Connect::new(o.client_id.as_str().into(), o.keep_alive);
         connect.clean_start = o.clean;
@@ -196,15 +199,15 @@ impl Client {
                 let frame: Vec<u8> = self.buf.drain(..total).collect();
                 return self.decode(&frame, h);
             }
-            let mut chunk = [0u8; 65536];
-            let n = (&self.sock).read(&mut chunk)?;
+            // One read buffer for the connection's life: no 64 KiB zeroed per read.
+            let n = (&self.sock).read(&mut self.rbuf)?;
             if n == 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "the broker closed the connection",
                 ));
             }
-            self.buf.extend_from_slice(&chunk[..n]);
+            self.buf.extend_from_slice(&self.rbuf[..n]);
         }
     }
 
