@@ -203,7 +203,15 @@ pub struct BusConnection {
     queue: VecDeque<BusMessage>,
     /// After `BecomeMonitor`: every message is shown as it came ([`BusMessage::Other`]).
     monitoring: bool,
+    /// Messages dropped from `queue` past [`MAX_QUEUED`].
+    dropped: u64,
+    /// The socket's read timeout as last set (`None`: not set yet).
+    read_timeout: Option<Option<Duration>>,
 }
+
+/// Calls and signals kept while [`BusConnection::call`] waits for its reply; past it the
+/// oldest are dropped (a connection flooded with signals must not grow without bound).
+pub const MAX_QUEUED: usize = 65_536;
 
 impl BusConnection {
     /// Connect (MQTT 5.0, clean session) and learn the unique name.
@@ -229,6 +237,8 @@ impl BusConnection {
             next: 0,
             queue: VecDeque::new(),
             monitoring: false,
+            dropped: 0,
+            read_timeout: None,
         })
     }
 
@@ -278,9 +288,18 @@ impl BusConnection {
         p.properties.response_topic = Some(self.reply_topic.clone());
         p.properties.correlation_data = Some(Bytes::copy_from_slice(&corr));
         self.client.send(&v5::Packet::Publish(p))?;
-        let give_up = Instant::now() + timeout + Duration::from_secs(5);
+        let grace = timeout + Duration::from_secs(5);
+        let give_up = Instant::now() + grace;
+        let mut first = true;
         loop {
-            let left = give_up.saturating_duration_since(Instant::now());
+            // The first wait is the whole grace (the same for every call with this timeout,
+            // so the socket option is not set again); later ones what is left of it.
+            let left = if first {
+                grace
+            } else {
+                give_up.saturating_duration_since(Instant::now())
+            };
+            first = false;
             if left.is_zero() {
                 return Err(CallError::Io(io::Error::new(
                     io::ErrorKind::TimedOut,
@@ -310,15 +329,30 @@ impl BusConnection {
             if p.topic_name == self.reply_topic {
                 continue; // a late reply to an earlier call that timed out
             }
+            if self.queue.len() >= MAX_QUEUED {
+                // Signals keep coming while the reply does not: keep the newest.
+                self.queue.pop_front();
+                self.dropped += 1;
+                if self.dropped.is_power_of_two() {
+                    tracing::warn!(
+                        dropped = self.dropped,
+                        "over {MAX_QUEUED} messages arrived while waiting for a reply: oldest dropped"
+                    );
+                }
+            }
             self.queue.push_back(parse(p));
         }
     }
 
     /// Read one publication (acknowledged), waiting at most `wait` (`None`: forever).
     fn read(&mut self, wait: Option<Duration>) -> io::Result<Option<v5::Publish>> {
-        self.client
-            .socket()
-            .set_read_timeout(wait.map(|w| w.max(Duration::from_millis(1))))?;
+        let wait = wait.map(|w| w.max(Duration::from_millis(1)));
+        // One setsockopt less per message when the wait is the same as the last one (a
+        // service's loop, a caller's calls with one timeout).
+        if self.read_timeout != Some(wait) {
+            self.client.socket().set_read_timeout(wait)?;
+            self.read_timeout = Some(wait);
+        }
         match self.client.next_message() {
             Ok(p) => Ok(Some(p)),
             Err(e)
