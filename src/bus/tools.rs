@@ -165,10 +165,7 @@ pub fn run_names(a: &NamesArgs) -> anyhow::Result<()> {
     let mut c = connect(a.bus.as_deref())?;
     let me = c.unique_name().to_string();
     let names = c.list_names()?;
-    let mut out = io::stdout().lock();
-    if !a.json {
-        writeln!(out, "{:<40} {:<10} QUEUED", "NAME", "OWNER")?;
-    }
+    let mut rows = Vec::new();
     for n in names {
         if n == me {
             continue; // this very query's connection
@@ -184,15 +181,25 @@ pub fn run_names(a: &NamesArgs) -> anyhow::Result<()> {
             }
         };
         let owner = queue.first().cloned().unwrap_or_default();
-        let waiting = &queue[1.min(queue.len())..];
-        if a.json {
+        let waiting = queue.get(1..).unwrap_or_default().to_vec();
+        rows.push((n, owner, waiting));
+    }
+    let mut out = io::stdout().lock();
+    if a.json {
+        for (n, owner, waiting) in &rows {
             writeln!(
                 out,
                 "{}",
                 json!({"name": n, "owner": owner, "queue": waiting})
             )?;
-        } else {
-            writeln!(out, "{n:<40} {owner:<10} {}", waiting.join(" "))?;
+        }
+    } else {
+        let wn = rows.iter().map(|r| r.0.len()).max().unwrap_or(0).max(4);
+        let wo = rows.iter().map(|r| r.1.len()).max().unwrap_or(0).max(5);
+        writeln!(out, "{:<wn$}  {:<wo$}  QUEUED", "NAME", "OWNER")?;
+        for (n, owner, waiting) in &rows {
+            let line = format!("{n:<wn$}  {owner:<wo$}  {}", waiting.join(" "));
+            writeln!(out, "{}", line.trim_end())?;
         }
     }
     drop(out);
