@@ -1,5 +1,6 @@
 //! `socklab bus`: the course's software bus as an MQTT 3.1.1 / 5.0 broker, its clients and
-//! its load generator.
+//! its load generator, and on top of it D-Bus's ideas for any MQTT 5 client: well-known
+//! names, method calls routed to a name's owner, signals selected by match rules, monitors.
 //!
 //! | file | part |
 //! | --- | --- |
