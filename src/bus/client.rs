@@ -126,6 +126,13 @@ impl Client {
         &self.sock
     }
 
+    /// Hand the connection over to another driver (the load generator's event loops): the
+    /// socket, the bytes received but not yet decoded, and the packets decoded while waiting
+    /// for something else (publications that arrived before a SUBACK).
+    pub fn into_parts(self) -> (Socket, Vec<u8>, Vec<v5::Packet>) {
+        (self.sock, self.buf, self.pending.into_iter().collect())
+    }
+
     fn write(&mut self, b: &[u8]) -> io::Result<()> {
         (&self.sock).write_all(b)
     }
