@@ -8,8 +8,9 @@
 //! Latency is end to end, publisher to subscriber, on one clock.
 //!
 //! Closed loop: a publisher keeps at most `--inflight` messages unacknowledged (QoS 1/2)
-//! and at most `--inflight` messages not yet received by its subscribers, so the broker is
-//! measured at the rate it *delivers* rather than driven into dropping. Open loop (`--rate`):
+//! and at most `--inflight` messages not yet received by its subscribers (a message skipped
+//! at a receiver no longer counts), so the broker is measured at the rate it *delivers*
+//! rather than driven into dropping. Open loop (`--rate`):
 //! each publisher sends on a fixed schedule and latency counts from the scheduled time (no
 //! coordinated omission).
 //!
@@ -37,7 +38,7 @@ use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTime
 use socket2::Socket;
 use std::collections::HashSet;
 use std::io::{self, IsTerminal, Write};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -48,8 +49,8 @@ const READS_PER_ROUND: usize = 8;
 /// A publisher's unsent output above which it writes no more messages until the socket
 /// drains (open loop against a broker that falls behind).
 const OUT_CAP: usize = 1 << 20;
-/// How long a closed-loop publisher waits for its subscribers before sending anyway (a
-/// message the broker dropped never arrives).
+/// How long a closed-loop publisher waits for its subscribers before sending one more
+/// message anyway: if its last messages were dropped, only a later one's arrival shows it.
 const DELIVERY_WAIT: Duration = Duration::from_millis(200);
 /// After the run, how long publishers wait for their last acknowledgements.
 const ACK_WAIT: Duration = Duration::from_secs(10);
@@ -121,21 +122,28 @@ struct Tracker {
 }
 
 impl Tracker {
-    fn see(&mut self, seq: u64) {
+    /// Note sequence number `seq`; returns how the number of gaps (sequence numbers skipped
+    /// and not yet seen) changed.
+    fn see(&mut self, seq: u64) -> i64 {
         self.received += 1;
         if seq == self.next {
             self.next += 1;
+            0
         } else if seq > self.next {
+            let before = self.missing.len();
             for s in self.next..seq {
                 if self.missing.len() < 1_000_000 {
                     self.missing.insert(s);
                 }
             }
             self.next = seq + 1;
+            (self.missing.len() - before) as i64
         } else if self.missing.remove(&seq) {
             self.reorders += 1;
+            -1
         } else {
             self.dups += 1;
+            0
         }
     }
 }
@@ -249,6 +257,8 @@ struct Shared {
     sent: Vec<AtomicU64>,
     /// Copies of each publisher's messages received.
     delivered: Vec<AtomicU64>,
+    /// Copies of each publisher's messages skipped at their receivers (lost, or late).
+    gaps: Vec<AtomicI64>,
     corrupt: AtomicU64,
     /// Publishers publish while this is set.
     publishing: AtomicBool,
@@ -281,8 +291,6 @@ struct Publisher {
     outstanding: u64,
     /// Since when it has been waiting for its subscribers (closed loop).
     blocked_since: Option<Instant>,
-    /// Copies given up for lost after [`DELIVERY_WAIT`] (closed loop).
-    written_off: u64,
     /// The wake-up queued for it, if any.
     wake: Option<Instant>,
     finished: bool,
@@ -359,6 +367,7 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
             .collect(),
         sent: (0..pubs).map(|_| AtomicU64::new(0)).collect(),
         delivered: (0..pubs).map(|_| AtomicU64::new(0)).collect(),
+        gaps: (0..pubs).map(|_| AtomicI64::new(0)).collect(),
         corrupt: AtomicU64::new(0),
         publishing: AtomicBool::new(true),
         done: AtomicBool::new(false),
@@ -408,7 +417,6 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
             seq: 0,
             outstanding: 0,
             blocked_since: None,
-            written_off: 0,
             wake: None,
             finished: false,
         };
@@ -894,10 +902,13 @@ impl Loop<'_> {
             return;
         }
         let _ = self.hist.record(self.now_us.saturating_sub(sent_us).max(1));
-        sh.trackers[group * self.plan.pubs + publisher]
+        let gaps = sh.trackers[group * self.plan.pubs + publisher]
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .see(seq);
+        if gaps != 0 {
+            sh.gaps[publisher].fetch_add(gaps, Ordering::AcqRel);
+        }
         sh.delivered[publisher].fetch_add(1, Ordering::AcqRel);
         if let Some(c) = self.pub_conn[publisher] {
             self.ready.push(c);
@@ -931,12 +942,16 @@ impl Loop<'_> {
                     if plan.qos > 0 && p.outstanding >= plan.window {
                         break Next::Idle; // an acknowledgement brings it back
                     }
-                    // Wait until the receivers caught up (briefly: a message the broker
-                    // dropped never arrives), so that the broker is measured at the rate it
-                    // delivers, not driven past it.
-                    let delivered = self.shared.delivered[p.p].load(Ordering::Acquire);
-                    let allowed = delivered + p.written_off + plan.window * plan.fan;
-                    if p.seq * plan.fan > allowed {
+                    // Wait until the receivers caught up, so that the broker is measured at
+                    // the rate it delivers, not driven past it. A copy skipped at a receiver
+                    // (a later one arrived: lost, or late) no longer holds the window; if
+                    // nothing arrives for a while (the last ones lost), one more message is
+                    // sent, whose arrival shows the gap.
+                    let sh = self.shared;
+                    let seen = sh.delivered[p.p].load(Ordering::Acquire) as i64
+                        + sh.gaps[p.p].load(Ordering::Acquire);
+                    let waiting = (p.seq * plan.fan) as i64 - seen;
+                    if waiting > (plan.window * plan.fan) as i64 {
                         let since = *p.blocked_since.get_or_insert(now);
                         if now.duration_since(since) < DELIVERY_WAIT {
                             if plan.threaded {
@@ -944,9 +959,6 @@ impl Loop<'_> {
                             }
                             break Next::At(since + DELIVERY_WAIT);
                         }
-                        // Taken as lost (the report counts them): they no longer hold the
-                        // window shut.
-                        p.written_off += p.seq * plan.fan - allowed;
                     }
                     p.blocked_since = None;
                     now
