@@ -594,7 +594,10 @@ fn bench_scenarios_verify_every_message_against_socklab() {
 fn kill_9_loses_nothing_acknowledged_with_data() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().to_str().unwrap();
-    let mut bus = Bus::start(&["--data", data]);
+    // The offline subscriber's queue must hold everything the publisher gets through in
+    // 700 ms (past the default cap of 1,000, QoS 1 messages are dropped by policy, logged).
+    let args = ["--data", data, "--max-queued", "1000000"];
+    let mut bus = Bus::start(&args);
     // A persistent QoS 1 subscriber, then offline.
     let so = ConnectOptions {
         version: Version::V5,
@@ -639,7 +642,7 @@ fn kill_9_loses_nothing_acknowledged_with_data() {
         acked.len() > 10,
         "some messages were acknowledged before the kill"
     );
-    let bus = Bus::start(&["--data", data]);
+    let bus = Bus::start(&args);
     let (mut s, ack) = Client::connect(&bus.endpoint(), &so).unwrap();
     assert!(ack.session_present, "the session survived");
     s.socket()
