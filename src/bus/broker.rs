@@ -20,8 +20,9 @@
 
 use super::codec::{Message, Version};
 use super::store::{Record, StoreOp, StoredMsg};
-use super::topic::{parse_filter, ClientIx, Matches, SubOpts, Trie};
+use super::topic::{parse_filter, ByTopic, ClientIx, Matches, SubOpts, Trie};
 use crate::model::evloop::Slab;
+use crate::timer::Timers;
 use bytes::Bytes;
 use mqtt_proto::v5::{self, ConnectReasonCode as Crc, DisconnectReasonCode as Drc};
 use mqtt_proto::{Pid, QoS, QosPid, TopicFilter};
@@ -94,6 +95,8 @@ pub struct BrokerConfig {
     pub receive_max: u16,
     /// Longest keep-alive accepted; a longer or zero one is replaced (server keep-alive).
     pub max_keep_alive: Option<u16>,
+    /// Subscriptions one session may hold (past it: SUBACK 0x97, quota exceeded).
+    pub max_subscriptions: usize,
     /// How often `$SYS` is published.
     pub sys_interval: Duration,
     /// Whether acknowledgements wait for the store.
@@ -111,6 +114,7 @@ impl Default for BrokerConfig {
             topic_alias_max: 64,
             receive_max: 1024,
             max_keep_alive: None,
+            max_subscriptions: 10_000,
             sys_interval: Duration::from_secs(10),
             durable: false,
         }
@@ -189,39 +193,55 @@ struct Inflight {
     p: Pending,
 }
 
+/// What a broker deadline is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Due {
+    /// A delayed will goes out.
+    Will,
+    /// An offline session expires.
+    Expiry,
+}
+
 #[derive(Debug, Clone)]
 struct Will {
     msg: Message,
     delay: u32,
+    /// When a delayed will goes out (once its connection ended).
+    at: Option<Instant>,
 }
 
+/// A session's message flow: what is in flight and queued, and the packet identifiers in
+/// use. Allocated with the first QoS 1/2 message, so that an idle session does not carry it.
 #[derive(Debug)]
-struct Client {
-    id: Arc<str>,
-    conn: Option<ConnId>,
-    version: Version,
-    identity: Identity,
-    /// Session expiry interval in seconds (`u32::MAX`: never).
-    expiry: u32,
-    expires_at: Option<Instant>,
-    subs: HashMap<Arc<str>, SubOpts>,
+struct Flow {
     inflight: VecDeque<Inflight>,
-    window: usize,
     queue: VecDeque<Pending>,
+    /// Bytes held by `inflight` and `queue` (for the caps).
     queued_bytes: usize,
     next_pid: u16,
+    /// QoS 2 packet identifiers received and not yet released.
     rx_qos2: HashSet<u16>,
-    will: Option<Will>,
-    will_at: Option<Instant>,
+    /// Store key of the last message persisted for this session.
     next_seq: u64,
+    /// Messages dropped at the caps (the log says so at 1, 2, 4, 8...).
     dropped: u64,
 }
 
-impl Client {
-    fn persistent(&self) -> bool {
-        self.expiry > 0
+impl Default for Flow {
+    fn default() -> Self {
+        Flow {
+            inflight: VecDeque::new(),
+            queue: VecDeque::new(),
+            queued_bytes: 0,
+            next_pid: 0,
+            rx_qos2: HashSet::new(),
+            next_seq: 1,
+            dropped: 0,
+        }
     }
+}
 
+impl Flow {
     fn alloc_pid(&mut self) -> u16 {
         loop {
             self.next_pid = self.next_pid.wrapping_add(1).max(1);
@@ -230,6 +250,68 @@ impl Client {
                 return p;
             }
         }
+    }
+}
+
+/// A session's subscriptions (filter text → options), allocated with the first one.
+#[derive(Debug, Default)]
+// Boxed on purpose: a map is 48 bytes inline, which every idle session would carry.
+#[allow(clippy::box_collection)]
+struct Subs(Option<Box<HashMap<Arc<str>, SubOpts>>>);
+
+impl Subs {
+    fn insert(&mut self, f: Arc<str>, o: SubOpts) -> Option<SubOpts> {
+        self.0.get_or_insert_with(Default::default).insert(f, o)
+    }
+
+    fn remove(&mut self, f: &str) -> Option<SubOpts> {
+        self.0.as_mut()?.remove(f)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&Arc<str>, &SubOpts)> {
+        self.0.iter().flat_map(|m| m.iter())
+    }
+
+    fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |m| m.len())
+    }
+
+    fn contains(&self, f: &str) -> bool {
+        self.0.as_ref().is_some_and(|m| m.contains_key(f))
+    }
+}
+
+/// A session (MQTT's sense: it outlives connections). Kept small: an idle client costs this
+/// struct, its identity and its map entries; its flow, subscriptions and will are allocated
+/// when it has them.
+#[derive(Debug)]
+struct Client {
+    id: Arc<str>,
+    conn: Option<ConnId>,
+    version: Version,
+    /// Messages in flight at most: `--max-inflight`, capped by the client's receive maximum.
+    window: u16,
+    /// Session expiry interval in seconds (`u32::MAX`: never).
+    expiry: u32,
+    identity: Identity,
+    expires_at: Option<Instant>,
+    subs: Subs,
+    flow: Option<Box<Flow>>,
+    will: Option<Box<Will>>,
+}
+
+impl Client {
+    fn persistent(&self) -> bool {
+        self.expiry > 0
+    }
+
+    /// The flow, allocated on first use.
+    fn flow(&mut self) -> &mut Flow {
+        self.flow.get_or_insert_with(Default::default)
+    }
+
+    fn inflight_len(&self) -> usize {
+        self.flow.as_ref().map_or(0, |f| f.inflight.len())
     }
 
     fn record(&self) -> Record {
@@ -251,7 +333,8 @@ pub struct Broker {
     by_id: HashMap<Arc<str>, ClientIx>,
     conns: HashMap<ConnId, ClientIx>,
     trie: Trie,
-    retained: HashMap<Arc<str>, Arc<Message>>,
+    /// Retained messages by topic (walked by each new subscription's filter).
+    retained: ByTopic<Arc<Message>>,
     total_queued: usize,
     /// Shared counters.
     pub stats: Arc<Stats>,
@@ -259,6 +342,8 @@ pub struct Broker {
     next_sys: Instant,
     assigned: u64,
     matches: Matches,
+    /// Delayed wills and session expiries, in order.
+    timers: Timers<(ClientIx, Due)>,
     /// Deliveries and packets for connections, in order.
     pub out: Vec<(ConnId, Out)>,
     /// Acknowledgements to send once `ops` are durable (with `--data`).
@@ -278,12 +363,13 @@ impl Broker {
             by_id: HashMap::new(),
             conns: HashMap::new(),
             trie: Trie::new(),
-            retained: HashMap::new(),
+            retained: ByTopic::new(),
             total_queued: 0,
             stats: Arc::new(Stats::default()),
             started: now,
             assigned: 0,
             matches: Matches::default(),
+            timers: Timers::new(),
             out: Vec::new(),
             gated: Vec::new(),
             ops: Vec::new(),
@@ -332,7 +418,8 @@ impl Broker {
         now: Instant,
     ) {
         for m in retained {
-            self.retained.insert(m.topic.clone(), Arc::new(m));
+            let topic = m.topic.clone();
+            self.retained.insert(&topic, Arc::new(m));
         }
         for r in records {
             let ix = self.new_client(
@@ -345,8 +432,11 @@ impl Broker {
             );
             let c = &mut self.clients.get_mut(ix).expect("just added");
             c.expiry = r.expiry;
-            c.expires_at =
-                (r.expiry != u32::MAX).then(|| now + Duration::from_secs(r.expiry as u64));
+            if r.expiry != u32::MAX {
+                let at = now + Duration::from_secs(r.expiry as u64);
+                c.expires_at = Some(at);
+                self.timers.insert(at, (ix, Due::Expiry));
+            }
             for (f, o) in r.subs {
                 if let Some(pf) = parse_filter(&f) {
                     self.trie.insert(&pf, ix, o);
@@ -359,6 +449,7 @@ impl Broker {
                 self.clients
                     .get_mut(ix)
                     .expect("present")
+                    .flow()
                     .rx_qos2
                     .insert(pid);
             }
@@ -371,7 +462,7 @@ impl Broker {
             };
             let cost = q.msg.cost();
             self.total_queued += cost;
-            let c = self.clients.get_mut(ix).expect("present");
+            let c = self.clients.get_mut(ix).expect("present").flow();
             c.next_seq = c.next_seq.max(q.seq + 1);
             c.queued_bytes += cost;
             let p = Pending {
@@ -406,17 +497,10 @@ impl Broker {
             identity,
             expiry: 0,
             expires_at: None,
-            subs: HashMap::new(),
-            inflight: VecDeque::new(),
-            window: self.cfg.max_inflight.max(1) as usize,
-            queue: VecDeque::new(),
-            queued_bytes: 0,
-            next_pid: 0,
-            rx_qos2: HashSet::new(),
+            subs: Subs::default(),
+            window: self.cfg.max_inflight.max(1),
+            flow: None,
             will: None,
-            will_at: None,
-            next_seq: 1,
-            dropped: 0,
         });
         self.by_id.insert(id, ix);
         ix
@@ -427,12 +511,18 @@ impl Broker {
         let Some(c) = self.clients.remove(ix) else {
             return;
         };
-        for f in c.subs.keys() {
+        if let Some(at) = c.expires_at {
+            self.timers.remove(at, (ix, Due::Expiry));
+        }
+        if let Some(at) = c.will.as_ref().and_then(|w| w.at) {
+            self.timers.remove(at, (ix, Due::Will));
+        }
+        for (f, _) in c.subs.iter() {
             if let Some(pf) = parse_filter(f) {
                 self.trie.remove(&pf, ix);
             }
         }
-        self.total_queued -= c.queued_bytes;
+        self.total_queued -= c.flow.as_ref().map_or(0, |f| f.queued_bytes);
         if self.by_id.get(&c.id) == Some(&ix) {
             self.by_id.remove(&c.id);
         }
@@ -509,15 +599,20 @@ impl Broker {
             Some(&ix) => ix,
             None => self.new_client(id.clone(), version, identity.clone()),
         };
-        let cfg_inflight = self.cfg.max_inflight.max(1) as usize;
+        let cfg_inflight = self.cfg.max_inflight.max(1);
         let cl = self.clients.get_mut(ix).expect("present");
         cl.conn = Some(conn);
         cl.version = version;
         cl.identity = identity;
         cl.expiry = expiry;
-        cl.expires_at = None;
-        cl.will_at = None;
-        cl.window = cfg_inflight.min(c.properties.receive_max.unwrap_or(u16::MAX) as usize);
+        // A resumed session no longer expires, and its pending will is cancelled.
+        if let Some(at) = cl.expires_at.take() {
+            self.timers.remove(at, (ix, Due::Expiry));
+        }
+        if let Some(at) = cl.will.as_ref().and_then(|w| w.at) {
+            self.timers.remove(at, (ix, Due::Will));
+        }
+        cl.window = cfg_inflight.min(c.properties.receive_max.unwrap_or(u16::MAX));
         cl.will = c.last_will.as_ref().map(|w| {
             let mut pubw = v5::Publish::new(
                 match w.qos {
@@ -538,10 +633,11 @@ impl Broker {
             pubw.properties.user_properties = wp.user_properties.clone();
             let mut msg = Message::from_publish(&pubw, Arc::from(&*w.topic_name), now);
             msg.expires = None;
-            Will {
+            Box::new(Will {
                 msg,
                 delay: wp.delay_interval.unwrap_or(0),
-            }
+                at: None,
+            })
         });
         let persistent = cl.persistent();
         let record = cl.record();
@@ -584,7 +680,7 @@ impl Broker {
             return;
         };
         let mut outs = Vec::new();
-        for f in &cl.inflight {
+        for f in cl.flow.iter().flat_map(|f| f.inflight.iter()) {
             outs.push(match f.state {
                 Flight::Sent => Out::Publish(Delivery {
                     msg: f.p.msg.clone(),
@@ -613,17 +709,21 @@ impl Broker {
         let Some(conn) = cl.conn else {
             return;
         };
+        let window = cl.window as usize;
+        let persistent = cl.persistent();
+        let Some(flow) = cl.flow.as_deref_mut() else {
+            return; // nothing ever queued
+        };
         let mut outs = Vec::new();
         let mut freed = 0;
         let mut dropped = 0;
-        let persistent = cl.persistent();
         let mut ops = Vec::new();
-        while cl.inflight.len() < cl.window {
-            let Some(p) = cl.queue.pop_front() else {
+        while flow.inflight.len() < window {
+            let Some(p) = flow.queue.pop_front() else {
                 break;
             };
             let cost = p.msg.cost();
-            cl.queued_bytes -= cost;
+            flow.queued_bytes -= cost;
             freed += cost;
             if p.msg.expired(now) {
                 dropped += 1;
@@ -643,12 +743,12 @@ impl Broker {
                 }));
                 continue;
             }
-            let pid = cl.alloc_pid();
+            let pid = flow.alloc_pid();
             if persistent && p.seq != 0 {
                 ops.push(StoreOp::Flight(cl.id.clone(), p.seq, pid, false));
             }
             // Its bytes stay counted while in flight.
-            cl.queued_bytes += cost;
+            flow.queued_bytes += cost;
             freed -= cost;
             outs.push(Out::Publish(Delivery {
                 msg: p.msg.clone(),
@@ -658,7 +758,7 @@ impl Broker {
                 retain: p.retain,
                 sub_ids: p.sub_ids.clone(),
             }));
-            cl.inflight.push_back(Inflight {
+            flow.inflight.push_back(Inflight {
                 pid,
                 state: Flight::Sent,
                 p,
@@ -709,17 +809,16 @@ impl Broker {
             return;
         }
         let cost = msg.cost();
-        if cl.conn.is_some()
-            && cl.queue.is_empty()
-            && cl.inflight.len() < cl.window
-            && cost <= total_room
-        {
-            let pid = cl.alloc_pid();
-            let seq = if cl.persistent() {
-                cl.next_seq += 1;
+        let (conn, window, persistent) = (cl.conn, cl.window as usize, cl.persistent());
+        let flow = cl.flow.get_or_insert_with(Default::default);
+        let free = flow.queue.is_empty() && flow.inflight.len() < window && cost <= total_room;
+        if let Some(conn) = conn.filter(|_| free) {
+            let pid = flow.alloc_pid();
+            let seq = if persistent {
+                flow.next_seq += 1;
                 self.ops.push(StoreOp::Queue(StoredMsg {
                     client: cl.id.clone(),
-                    seq: cl.next_seq,
+                    seq: flow.next_seq,
                     msg: (*msg).clone(),
                     qos,
                     retain,
@@ -727,14 +826,13 @@ impl Broker {
                     pid,
                     released: false,
                 }));
-                cl.next_seq
+                flow.next_seq
             } else {
                 0
             };
-            cl.queued_bytes += cost;
+            flow.queued_bytes += cost;
             self.total_queued += cost;
-            let conn = cl.conn.expect("online");
-            cl.inflight.push_back(Inflight {
+            flow.inflight.push_back(Inflight {
                 pid,
                 state: Flight::Sent,
                 p: Pending {
@@ -758,22 +856,25 @@ impl Broker {
             ));
             return;
         }
-        if cl.queue.len() >= max_queued || cl.queued_bytes + cost > max_bytes || cost > total_room {
-            cl.dropped += 1;
+        if flow.queue.len() >= max_queued
+            || flow.queued_bytes + cost > max_bytes
+            || cost > total_room
+        {
+            flow.dropped += 1;
             self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-            if cl.dropped.is_power_of_two() {
+            if flow.dropped.is_power_of_two() {
                 tracing::warn!(
-                    client = %cl.id, dropped = cl.dropped, queued = cl.queue.len(),
+                    client = %cl.id, dropped = flow.dropped, queued = flow.queue.len(),
                     "queue full: dropping QoS {qos} messages for this client (count so far)"
                 );
             }
             return;
         }
-        let seq = if cl.persistent() {
-            cl.next_seq += 1;
+        let seq = if persistent {
+            flow.next_seq += 1;
             self.ops.push(StoreOp::Queue(StoredMsg {
                 client: cl.id.clone(),
-                seq: cl.next_seq,
+                seq: flow.next_seq,
                 msg: (*msg).clone(),
                 qos,
                 retain,
@@ -781,20 +882,20 @@ impl Broker {
                 pid: 0,
                 released: false,
             }));
-            cl.next_seq
+            flow.next_seq
         } else {
             0
         };
-        cl.queued_bytes += cost;
+        flow.queued_bytes += cost;
         self.total_queued += cost;
-        cl.queue.push_back(Pending {
+        flow.queue.push_back(Pending {
             msg,
             qos,
             retain,
             sub_ids,
             seq,
         });
-        if cl.conn.is_some() {
+        if conn.is_some() {
             self.refill(ix, now);
         }
     }
@@ -863,7 +964,7 @@ impl Broker {
                 self.ops.push(StoreOp::Retain(msg.topic.clone(), None));
             }
         } else {
-            self.retained.insert(msg.topic.clone(), msg.clone());
+            self.retained.insert(&msg.topic, msg.clone());
             if msg.qos != QoS::Level0 || self.cfg.durable {
                 self.ops
                     .push(StoreOp::Retain(msg.topic.clone(), Some((*msg).clone())));
@@ -885,7 +986,11 @@ impl Broker {
                     return;
                 }
                 let cl = self.clients.get_mut(ix).expect("present");
-                if let Some(f) = cl.inflight.iter_mut().find(|f| f.pid == r.pid.value()) {
+                let flight = cl
+                    .flow
+                    .as_deref_mut()
+                    .and_then(|fl| fl.inflight.iter_mut().find(|f| f.pid == r.pid.value()));
+                if let Some(f) = flight {
                     f.state = Flight::Released;
                     if f.p.seq != 0 {
                         self.ops
@@ -900,7 +1005,10 @@ impl Broker {
             v5::Packet::Pubcomp(c) => self.on_done(ix, c.pid.value(), false, now),
             v5::Packet::Pubrel(r) => {
                 let cl = self.clients.get_mut(ix).expect("present");
-                let known = cl.rx_qos2.remove(&r.pid.value());
+                let known = cl
+                    .flow
+                    .as_deref_mut()
+                    .is_some_and(|f| f.rx_qos2.remove(&r.pid.value()));
                 let persistent = cl.persistent();
                 let id = cl.id.clone();
                 if known && persistent {
@@ -918,7 +1026,7 @@ impl Broker {
                 let cl = self.clients.get_mut(ix).expect("present");
                 let mut codes = Vec::new();
                 for f in &u.topics {
-                    let had = cl.subs.remove(&**f).is_some();
+                    let had = cl.subs.remove(f).is_some();
                     if had {
                         if let Some(pf) = parse_filter(f) {
                             self.trie.remove(&pf, ix);
@@ -966,7 +1074,7 @@ impl Broker {
         let v5c = cl.version.is_v5();
         if p.qos_pid.qos() == QoS::Level2 {
             let pid = pid.expect("QoS 2 has a pid");
-            if !cl.rx_qos2.insert(pid.value()) {
+            if !cl.flow().rx_qos2.insert(pid.value()) {
                 // A resend of one we already have: acknowledge again, do not route again.
                 self.ack(conn, v5::Packet::Pubrec(v5::Pubrec::new_success(pid)));
                 return;
@@ -1010,15 +1118,18 @@ impl Broker {
     /// The client acknowledged (PUBACK, PUBCOMP, or a PUBREC with an error) packet `pid`.
     fn on_done(&mut self, ix: ClientIx, pid: u16, puback: bool, now: Instant) {
         let cl = self.clients.get_mut(ix).expect("present");
-        let Some(pos) = cl.inflight.iter().position(|f| f.pid == pid) else {
+        let Some(flow) = cl.flow.as_deref_mut() else {
             return;
         };
-        if puback && cl.inflight[pos].p.qos != 1 {
+        let Some(pos) = flow.inflight.iter().position(|f| f.pid == pid) else {
+            return;
+        };
+        if puback && flow.inflight[pos].p.qos != 1 {
             return;
         }
-        let f = cl.inflight.remove(pos).expect("found");
+        let f = flow.inflight.remove(pos).expect("found");
         let cost = f.p.msg.cost();
-        cl.queued_bytes -= cost;
+        flow.queued_bytes -= cost;
         self.total_queued -= cost;
         if f.p.seq != 0 {
             self.ops.push(StoreOp::Unqueue(cl.id.clone(), f.p.seq));
@@ -1052,7 +1163,13 @@ impl Broker {
                 retain_handling: o.retain_handling as u8,
                 id: sub_id,
             };
-            let existed = cl.subs.insert(Arc::from(text), opts).is_some();
+            let existed = cl.subs.contains(text);
+            if !existed && cl.subs.len() >= self.cfg.max_subscriptions {
+                tracing::info!(client = %cl.id, max = self.cfg.max_subscriptions, "subscription refused: too many");
+                codes.push(v5::SubscribeReasonCode::QuotaExceeded);
+                continue;
+            }
+            cl.subs.insert(Arc::from(text), opts);
             self.trie.insert(&pf, ix, opts);
             codes.push(match o.max_qos {
                 QoS::Level0 => v5::SubscribeReasonCode::GrantedQoS0,
@@ -1068,8 +1185,10 @@ impl Broker {
                     _ => false,
                 };
             if send {
-                for m in self.retained.values() {
-                    if super::topic::matches(pf.filter, &m.topic) && !m.expired(now) {
+                let mut found = Vec::new();
+                self.retained.matching(pf.filter, &mut found);
+                for m in found {
+                    if !m.expired(now) {
                         retained_out.push((m.clone(), opts));
                     }
                 }
@@ -1102,11 +1221,12 @@ impl Broker {
         // QoS 0 deliveries in flight die with the connection; QoS 1/2 stay for resumption.
         let will = cl.will.take();
         let expiry = cl.expiry;
-        if let Some(w) = will.filter(|_| abnormal) {
+        if let Some(mut w) = will.filter(|_| abnormal) {
             if w.delay > 0 && expiry > 0 {
-                let delay = w.delay.min(expiry);
-                cl.will_at = Some(now + Duration::from_secs(delay as u64));
+                let at = now + Duration::from_secs(w.delay.min(expiry) as u64);
+                w.at = Some(at);
                 cl.will = Some(w);
+                self.timers.insert(at, (ix, Due::Will));
             } else {
                 self.publish_will(w.msg, now);
             }
@@ -1117,49 +1237,49 @@ impl Broker {
         if cl.expiry == 0 && cl.will.is_none() {
             self.discard(ix);
         } else if cl.expiry != u32::MAX {
-            cl.expires_at = Some(now + Duration::from_secs(cl.expiry as u64));
+            let at = now + Duration::from_secs(cl.expiry as u64);
+            cl.expires_at = Some(at);
+            self.timers.insert(at, (ix, Due::Expiry));
         }
     }
 
     /// Time-driven work: delayed wills, expired sessions, `$SYS`. Returns when to call again.
+    /// Only what is due is looked at (the deadlines are kept in order), not every session.
     pub fn tick(&mut self, now: Instant) -> Instant {
-        let mut wills = Vec::new();
-        let mut expired = Vec::new();
-        for (ix, c) in self.clients.iter() {
-            if c.conn.is_none() {
-                if c.will_at.is_some_and(|t| t <= now) {
-                    wills.push(ix);
+        while let Some((at, (ix, due))) = self.timers.pop_due(now) {
+            let Some(c) = self.clients.get_mut(ix) else {
+                continue;
+            };
+            if c.conn.is_some() {
+                continue;
+            }
+            match due {
+                Due::Will => {
+                    if c.will.as_ref().and_then(|w| w.at) == Some(at) {
+                        let w = c.will.take().expect("checked");
+                        self.publish_will(w.msg, now);
+                    }
                 }
-                if c.expires_at.is_some_and(|t| t <= now) {
-                    expired.push(ix);
-                }
-            }
-        }
-        for ix in wills {
-            let c = self.clients.get_mut(ix).expect("present");
-            c.will_at = None;
-            if let Some(w) = c.will.take() {
-                self.publish_will(w.msg, now);
-            }
-            let c = self.clients.get_mut(ix).expect("present");
-            if c.expiry == 0 {
-                self.discard(ix);
-            }
-        }
-        for ix in expired {
-            if let Some(c) = self.clients.get_mut(ix) {
-                if let Some(w) = c.will.take() {
-                    self.publish_will(w.msg, now);
+                Due::Expiry => {
+                    if c.expires_at == Some(at) {
+                        if let Some(w) = c.will.take() {
+                            if let Some(wat) = w.at {
+                                self.timers.remove(wat, (ix, Due::Will));
+                            }
+                            self.publish_will(w.msg, now);
+                        }
+                        tracing::debug!("session expired");
+                        self.discard(ix);
+                    }
                 }
             }
-            tracing::debug!("session expired");
-            self.discard(ix);
         }
         if now >= self.next_sys {
             self.publish_sys(now);
             self.next_sys = now + self.cfg.sys_interval;
         }
-        self.next_sys.min(now + Duration::from_secs(1))
+        let next = self.timers.timeout(now).map_or(self.next_sys, |t| now + t);
+        next.min(self.next_sys).min(now + Duration::from_secs(1))
     }
 
     fn publish_sys(&mut self, now: Instant) {
@@ -1206,11 +1326,7 @@ impl Broker {
             ),
             (
                 "$SYS/broker/retained messages/count",
-                self.retained
-                    .iter()
-                    .filter(|(t, _)| !t.starts_with('$'))
-                    .count()
-                    .to_string(),
+                self.retained.len_without_dollar().to_string(),
             ),
         ];
         for (topic, value) in items {
@@ -1222,7 +1338,7 @@ impl Broker {
                 props: Default::default(),
                 expires: None,
             });
-            self.retained.insert(msg.topic.clone(), msg.clone());
+            self.retained.insert(&msg.topic, msg.clone());
             self.route(msg, None, now);
         }
     }
@@ -1231,7 +1347,10 @@ impl Broker {
     pub fn queue_len(&self, client: &str) -> Option<(usize, usize)> {
         let ix = *self.by_id.get(client)?;
         let c = self.clients.iter().find(|(i, _)| *i == ix)?.1;
-        Some((c.inflight.len(), c.queue.len()))
+        Some((
+            c.inflight_len(),
+            c.flow.as_ref().map_or(0, |f| f.queue.len()),
+        ))
     }
 
     /// The filter text, validated as a topic filter (for tests and clients).
@@ -1534,5 +1653,72 @@ mod tests {
         // A late packet or close from the old connection changes nothing.
         b.closed(1, true, Instant::now());
         assert_eq!(b.sessions(), 1);
+    }
+
+    #[test]
+    fn sessions_expire_when_due_and_resuming_cancels_it() {
+        let mut b = broker();
+        let t0 = Instant::now();
+        let mut c = v5::Connect::new("e".into(), 60);
+        c.properties.session_expiry_interval = Some(10);
+        b.connect(1, Version::V5, c.clone(), Identity::default(), t0);
+        b.closed(1, true, t0);
+        b.tick(t0 + Duration::from_secs(5));
+        assert_eq!(b.sessions(), 1);
+        // Resumed at 6 s and closed again at 8 s: it now expires at 18 s, not 10 s.
+        c.clean_start = false;
+        b.connect(
+            2,
+            Version::V5,
+            c,
+            Identity::default(),
+            t0 + Duration::from_secs(6),
+        );
+        b.closed(2, true, t0 + Duration::from_secs(8));
+        b.tick(t0 + Duration::from_secs(11));
+        assert_eq!(b.sessions(), 1, "the first deadline was cancelled");
+        let next = b.tick(t0 + Duration::from_secs(17));
+        assert!(next <= t0 + Duration::from_secs(18));
+        b.tick(t0 + Duration::from_secs(18));
+        assert_eq!(b.sessions(), 0);
+    }
+
+    #[test]
+    fn subscriptions_past_the_cap_are_refused_with_quota_exceeded() {
+        let mut b = Broker::new(
+            BrokerConfig {
+                max_subscriptions: 2,
+                ..Default::default()
+            },
+            Arc::new(AllowAll),
+            Instant::now(),
+        );
+        connect(&mut b, 1, "s", Version::V5, true, None);
+        for f in ["a", "b", "a", "c"] {
+            subscribe(&mut b, 1, f, QoS::Level0);
+        }
+        let codes: Vec<_> = b
+            .out
+            .iter()
+            .filter_map(|(_, o)| match o {
+                Out::Packet(p) => match &**p {
+                    v5::Packet::Suback(s) => Some(s.topics[0]),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect();
+        use v5::SubscribeReasonCode as R;
+        assert_eq!(
+            codes,
+            [
+                R::GrantedQoS0,
+                R::GrantedQoS0,
+                R::GrantedQoS0,
+                R::QuotaExceeded
+            ],
+            "replacing an existing one is fine, a third is not"
+        );
+        assert_eq!(b.subscriptions(), 2);
     }
 }

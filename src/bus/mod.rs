@@ -89,6 +89,9 @@ pub struct ServeArgs {
     /// Longest keep-alive accepted (longer or none: the server's keep-alive is imposed).
     #[arg(long)]
     pub max_keep_alive: Option<u16>,
+    /// Subscriptions one client may hold (past it, SUBACK says quota exceeded).
+    #[arg(long, default_value_t = 10_000)]
+    pub max_subscriptions: usize,
     /// How often $SYS/broker/... is published.
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     pub sys_interval: Duration,
@@ -118,6 +121,7 @@ pub fn run(args: &BusArgs, verbose: u8) -> anyhow::Result<()> {
                     max_total_bytes: a.max_memory,
                     max_packet: a.max_packet.min(u32::MAX as usize) as u32,
                     max_keep_alive: a.max_keep_alive,
+                    max_subscriptions: a.max_subscriptions,
                     sys_interval: a.sys_interval,
                     ..Default::default()
                 },

@@ -178,12 +178,13 @@ impl Shared {
     }
 }
 
+/// A connection on a loop. Its peer's address is not kept (it is asked of the socket when a
+/// log line needs it): idle connections are what a broker has most of.
 struct Conn {
     id: ConnId,
     sock: Socket,
     session: Session,
     sent: usize,
-    peer: String,
     peer_uid: Option<u32>,
     readable: bool,
     /// Closing: flush what is queued, then close.
@@ -366,6 +367,12 @@ fn store_loop(store: Store, rx: mpsc::Receiver<StoreBatch>, shared: &Arc<Shared>
     }
 }
 
+/// The peer's address, for logs and the broker's identity.
+fn peer(sock: &Socket) -> String {
+    sock.peer_addr()
+        .map_or_else(|_| "(gone)".to_string(), |a| display_addr(&a))
+}
+
 fn flags() -> EpollFlags {
     EpollFlags::EPOLLIN | EpollFlags::EPOLLOUT | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLET
 }
@@ -375,7 +382,7 @@ struct Loop<'a> {
     shared: &'a Shared,
     epoll: Epoll,
     conns: Slab<Conn>,
-    timers: Timers<(Instant, usize)>,
+    timers: Timers<usize>,
     generation: u64,
     events: Vec<(ConnId, Inbound)>,
     closed: Vec<(ConnId, bool)>,
@@ -528,7 +535,6 @@ impl Loop<'_> {
                 sock,
                 session,
                 sent: 0,
-                peer: display_addr(&addr),
                 peer_uid,
                 readable: true,
                 closing: false,
@@ -542,7 +548,7 @@ impl Loop<'_> {
             conn.id =
                 ((self.index as u64) << 56) | ((self.generation & 0xff_ffff) << 32) | t as u64;
             if let Some(d) = deadline {
-                self.timers.insert(d, (d, t));
+                self.timers.insert(d, t);
             }
             if let Err(e) = self
                 .epoll
@@ -552,7 +558,7 @@ impl Loop<'_> {
                 self.drop_conn(t, true);
                 continue;
             }
-            tracing::debug!(peer = %self.conns.get_mut(t).map_or("", |c| &c.peer), "bus connection open");
+            tracing::debug!(peer = %display_addr(&addr), "bus connection open");
             self.read(t, now);
         }
     }
@@ -599,16 +605,23 @@ impl Loop<'_> {
                     }
                     // CONNECT replaces the connect timeout by the keep-alive deadline, which
                     // may be earlier: queue it (later ones are re-armed lazily).
-                    if let Some(d) = c.session.deadline() {
-                        if c.deadline.is_none_or(|q| d < q) {
+                    match c.session.deadline() {
+                        Some(d) if c.deadline.is_none_or(|q| d < q) => {
                             if let Some(old) = c.deadline.replace(d) {
-                                self.timers.remove(old, (old, t));
+                                self.timers.remove(old, t);
                             }
-                            self.timers.insert(d, (d, t));
+                            self.timers.insert(d, t);
                         }
+                        // No keep-alive: the CONNECT deadline goes now, not when it comes up.
+                        None => {
+                            if let Some(old) = c.deadline.take() {
+                                self.timers.remove(old, t);
+                            }
+                        }
+                        Some(_) => {}
                     }
                     if let Err(v) = r {
-                        tracing::info!(peer = %c.peer, reason = ?v.reason, "protocol violation: {}", v.message);
+                        tracing::info!(peer = %peer(&c.sock), reason = ?v.reason, "protocol violation: {}", v.message);
                         c.session.violation(&v);
                         c.closing = true;
                         c.readable = false;
@@ -631,7 +644,7 @@ impl Loop<'_> {
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    tracing::debug!(peer = %c.peer, "recv: {e}");
+                    tracing::debug!(peer = %peer(&c.sock), "recv: {e}");
                     c.readable = false;
                     c.closing = true;
                     c.session.out.clear();
@@ -650,7 +663,7 @@ impl Loop<'_> {
     /// Keep-alive and CONNECT deadlines (re-armed lazily: a connection that spoke since its
     /// deadline was queued gets a new one).
     fn expire(&mut self, now: Instant) {
-        while let Some((_, (at, t))) = self.timers.pop_due(now) {
+        while let Some((at, t)) = self.timers.pop_due(now) {
             let Some(c) = self.conns.get_mut(t) else {
                 continue;
             };
@@ -660,10 +673,10 @@ impl Loop<'_> {
             match c.session.deadline() {
                 Some(d) if d > now => {
                     c.deadline = Some(d);
-                    self.timers.insert(d, (d, t));
+                    self.timers.insert(d, t);
                 }
                 Some(_) => {
-                    tracing::info!(peer = %c.peer, "keep-alive expired: closing");
+                    tracing::info!(peer = %peer(&c.sock), "keep-alive expired: closing");
                     c.deadline = None;
                     c.session.disconnect(Drc::KeepAliveTimeout);
                     c.closing = true;
@@ -705,7 +718,7 @@ impl Loop<'_> {
                             .conns
                             .get_mut(t)
                             .filter(|c| c.id == id)
-                            .map_or((String::new(), None), |c| (c.peer.clone(), c.peer_uid));
+                            .map_or((String::new(), None), |c| (peer(&c.sock), c.peer_uid));
                         if let Some(c) = self.conns.get_mut(t).filter(|c| c.id == id) {
                             c.announced = true;
                         }
@@ -828,7 +841,7 @@ impl Loop<'_> {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => {
-                        tracing::debug!(peer = %c.peer, "send: {e}");
+                        tracing::debug!(peer = %peer(&c.sock), "send: {e}");
                         failed = true;
                         break;
                     }
@@ -837,7 +850,9 @@ impl Loop<'_> {
             if c.sent == c.session.out.len() {
                 c.sent = 0;
                 c.session.out.clear();
-                if c.session.out.capacity() > (256 << 10) {
+                // A large buffer is not kept for a burst that passed, nor a small one for a
+                // connection that may now sit idle (a CONNACK, a PINGRESP).
+                if c.session.out.capacity() > (256 << 10) || c.session.out.capacity() <= 64 {
                     c.session.out = Vec::new();
                 }
                 if c.readable {
@@ -856,10 +871,10 @@ impl Loop<'_> {
             return;
         };
         if let Some(d) = c.deadline {
-            self.timers.remove(d, (d, t));
+            self.timers.remove(d, t);
         }
         self.shared.active.fetch_sub(1, Ordering::Relaxed);
-        tracing::debug!(peer = %c.peer, "bus connection closed");
+        tracing::debug!(peer = %peer(&c.sock), "bus connection closed");
         if c.announced || c.session.phase() != Phase::AwaitConnect {
             self.closed.push((c.id, abnormal));
         }
