@@ -69,7 +69,10 @@ fn is_user_error(err: &anyhow::Error) -> bool {
 /// Parse the command line, run, and map the outcome to an exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.verbose);
+    init_logging(match &cli.command {
+        Command::Bus(args) => crate::bus::log_verbosity(args, cli.verbose),
+        _ => cli.verbose,
+    });
     let result = match &cli.command {
         Command::Serve(args) => crate::server::run(args),
         Command::Client(args) => crate::client::run(args),

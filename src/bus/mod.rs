@@ -97,11 +97,22 @@ pub struct ServeArgs {
     pub sys_interval: Duration,
 }
 
+/// The log level `-v` asks for: none in `bus sub`, where `-v` prints topics (as with
+/// mosquitto_sub).
+pub fn log_verbosity(args: &BusArgs, verbose: u8) -> u8 {
+    match args.command {
+        BusCommand::Sub(_) => 0,
+        _ => verbose,
+    }
+}
+
 /// Run `socklab bus ...`.
 ///
 /// # Errors
 /// User mistakes ([`crate::client::UsageError`], [`crate::net::NetError`]) and failures.
 pub fn run(args: &BusArgs, verbose: u8) -> anyhow::Result<()> {
+    // The log level was set from -v already (see `log_verbosity`); `bus sub` reads its own.
+    let _ = verbose;
     match &args.command {
         BusCommand::Serve(a) => {
             let cfg = server::ServeConfig {
@@ -129,7 +140,7 @@ pub fn run(args: &BusArgs, verbose: u8) -> anyhow::Result<()> {
             server::run(cfg)
         }
         BusCommand::Pub(a) => client::run_pub(a),
-        BusCommand::Sub(a) => client::run_sub(a, verbose > 0),
+        BusCommand::Sub(a) => client::run_sub(a),
         BusCommand::Bench(a) => bench::run(a),
     }
 }
