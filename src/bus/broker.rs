@@ -314,12 +314,15 @@ impl Client {
         self.flow.as_ref().map_or(0, |f| f.inflight.len())
     }
 
-    fn record(&self) -> Record {
+    /// The session as the store keeps it (`offline_since`: when its connection ended).
+    fn record(&self, offline_since: Option<Instant>) -> Record {
         Record {
             client: self.id.clone(),
             expiry: self.expiry,
             v5: self.version.is_v5(),
             subs: self.subs.iter().map(|(f, o)| (f.clone(), *o)).collect(),
+            offline_since,
+            will: self.will.as_ref().map(|w| (w.msg.clone(), w.delay)),
         }
     }
 }
@@ -432,10 +435,23 @@ impl Broker {
             );
             let c = &mut self.clients.get_mut(ix).expect("just added");
             c.expiry = r.expiry;
+            // A session that was connected when the server went down lost its connection
+            // now, without DISCONNECT: its expiry runs from now and its will applies. One
+            // that was offline keeps counting from when it went offline.
+            let since = r.offline_since.unwrap_or(now);
             if r.expiry != u32::MAX {
-                let at = now + Duration::from_secs(r.expiry as u64);
+                let at = since + Duration::from_secs(r.expiry as u64);
                 c.expires_at = Some(at);
                 self.timers.insert(at, (ix, Due::Expiry));
+            }
+            if let Some((msg, delay)) = r.will {
+                let at = since + Duration::from_secs(delay.min(r.expiry) as u64);
+                c.will = Some(Box::new(Will {
+                    msg,
+                    delay,
+                    at: Some(at),
+                }));
+                self.timers.insert(at, (ix, Due::Will));
             }
             for (f, o) in r.subs {
                 if let Some(pf) = parse_filter(&f) {
@@ -562,6 +578,19 @@ impl Broker {
         };
         identity.client_id = id.clone();
         identity.username = c.username.clone();
+        if let Some(method) = &c.properties.auth_method {
+            // Enhanced authentication (AUTH exchanges) is not offered: no method is known.
+            tracing::info!(client = %id, peer = %identity.peer, %method, "connection refused: unknown authentication method");
+            return refuse(self, Crc::BadAuthMethod);
+        }
+        if let Some(max) = self.cfg.max_keep_alive {
+            // 3.1.1 has no way to tell a client to use another keep-alive: one longer than
+            // allowed (or none) is refused, as mosquitto does.
+            if !version.is_v5() && (c.keep_alive == 0 || c.keep_alive > max) {
+                tracing::info!(client = %id, peer = %identity.peer, keep_alive = c.keep_alive, max, "connection refused: keep-alive over --max-keep-alive");
+                return refuse(self, Crc::ClientIdentifierNotValid);
+            }
+        }
         if let Err(code) = self.auth.connect(&identity, c.password.as_deref()) {
             tracing::info!(client = %id, peer = %identity.peer, ?code, "connection refused");
             return refuse(self, code);
@@ -640,7 +669,7 @@ impl Broker {
             })
         });
         let persistent = cl.persistent();
-        let record = cl.record();
+        let record = cl.record(None);
         self.conns.insert(conn, ix);
         if persistent {
             self.ops.push(StoreOp::Session(record));
@@ -950,7 +979,12 @@ impl Broker {
         self.matches = m;
     }
 
-    fn publish_will(&mut self, msg: Message, now: Instant) {
+    fn publish_will(&mut self, mut msg: Message, now: Instant) {
+        // Its message expiry interval runs from when it is published.
+        msg.expires = msg
+            .props
+            .expiry
+            .map(|s| now + Duration::from_secs(s as u64));
         let msg = Arc::new(msg);
         if msg.retain {
             self.set_retained(msg.clone());
@@ -1039,7 +1073,7 @@ impl Broker {
                     });
                 }
                 if cl.persistent() {
-                    self.ops.push(StoreOp::Session(cl.record()));
+                    self.ops.push(StoreOp::Session(cl.record(None)));
                 }
                 self.send(
                     conn,
@@ -1055,7 +1089,7 @@ impl Broker {
                         return;
                     }
                     cl.expiry = e;
-                    let rec = cl.record();
+                    let rec = cl.record(None);
                     self.ops.push(StoreOp::Session(rec));
                 }
                 let abnormal = d.reason_code == Drc::DisconnectWithWillMessage;
@@ -1195,7 +1229,7 @@ impl Broker {
             }
         }
         if cl.persistent() {
-            self.ops.push(StoreOp::Session(cl.record()));
+            self.ops.push(StoreOp::Session(cl.record(None)));
         }
         self.send(conn, pkt(v5::Packet::Suback(v5::Suback::new(s.pid, codes))));
         for (m, o) in retained_out {
@@ -1236,10 +1270,61 @@ impl Broker {
         };
         if cl.expiry == 0 && cl.will.is_none() {
             self.discard(ix);
-        } else if cl.expiry != u32::MAX {
+            return;
+        }
+        if cl.expiry != u32::MAX {
             let at = now + Duration::from_secs(cl.expiry as u64);
             cl.expires_at = Some(at);
             self.timers.insert(at, (ix, Due::Expiry));
+        }
+        if cl.persistent() {
+            // Its expiry and a pending will count from now, also after a restart.
+            self.ops.push(StoreOp::Session(cl.record(Some(now))));
+        }
+    }
+
+    /// The server is stopping without the clients having said DISCONNECT: every connection
+    /// ends as a lost one -- its will is published, or, if delayed, kept with a durable
+    /// session to go out after the restart. Without durability the sessions end with the
+    /// process, so every pending will goes out now.
+    pub fn shutdown(&mut self, now: Instant) {
+        let conns: Vec<ConnId> = self.conns.keys().copied().collect();
+        // Wills first, while every subscriber is still connected to receive them.
+        for conn in &conns {
+            let Some(c) = self
+                .conns
+                .get(conn)
+                .and_then(|&ix| self.clients.get_mut(ix))
+            else {
+                continue;
+            };
+            let delayed = c.will.as_ref().is_some_and(|w| w.delay > 0);
+            if !(self.cfg.durable && c.persistent() && delayed) {
+                if let Some(w) = c.will.take() {
+                    self.publish_will(w.msg, now);
+                }
+            }
+        }
+        for conn in conns {
+            self.closed(conn, true, now);
+        }
+        if self.cfg.durable {
+            return;
+        }
+        let pending: Vec<ClientIx> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| c.will.is_some())
+            .map(|(ix, _)| ix)
+            .collect();
+        for ix in pending {
+            let Some(w) = self.clients.get_mut(ix).and_then(|c| c.will.take()) else {
+                continue;
+            };
+            if let Some(at) = w.at {
+                self.timers.remove(at, (ix, Due::Will));
+            }
+            self.publish_will(w.msg, now);
         }
     }
 
@@ -1720,5 +1805,130 @@ mod tests {
             "replacing an existing one is fine, a third is not"
         );
         assert_eq!(b.subscriptions(), 2);
+    }
+
+    fn will_connect(b: &mut Broker, conn: ConnId, id: &str, delay: u32, expiry: u32, now: Instant) {
+        let mut c = v5::Connect::new(id.into(), 60);
+        c.properties.session_expiry_interval = Some(expiry);
+        let mut w = v5::LastWill::new(
+            QoS::Level1,
+            TopicName::try_from("will").unwrap(),
+            Bytes::copy_from_slice(id.as_bytes()),
+        );
+        w.properties.delay_interval = Some(delay);
+        w.properties.message_expiry_interval = Some(30);
+        c.last_will = Some(w);
+        b.connect(conn, Version::V5, c, Identity::default(), now);
+    }
+
+    #[test]
+    fn shutdown_sends_wills_and_a_durable_broker_keeps_delayed_ones() {
+        let t0 = Instant::now();
+        for durable in [false, true] {
+            let mut b = Broker::new(
+                BrokerConfig {
+                    durable,
+                    ..Default::default()
+                },
+                Arc::new(AllowAll),
+                t0,
+            );
+            connect(&mut b, 1, "s", Version::V5, true, None);
+            subscribe(&mut b, 1, "will", QoS::Level1);
+            will_connect(&mut b, 2, "now", 0, 100, t0);
+            will_connect(&mut b, 3, "later", 60, 100, t0);
+            b.out.clear();
+            b.ops.clear();
+            let t1 = t0 + Duration::from_secs(1);
+            b.shutdown(t1);
+            let sent = publishes(&mut b, 1);
+            assert!(
+                sent.iter().all(|d| d.msg.expiry_left(t1) == Some(30)),
+                "a will's message expiry runs from when it is published"
+            );
+            let mut got: Vec<String> = sent
+                .iter()
+                .map(|d| String::from_utf8_lossy(&d.msg.payload).into_owned())
+                .collect();
+            got.sort();
+            if durable {
+                assert_eq!(got, ["now"], "the delayed will waits for its delay");
+                let kept = b.ops.iter().any(|op| {
+                    matches!(op, StoreOp::Session(r)
+                        if &*r.client == "later" && r.will.is_some() && r.offline_since.is_some())
+                });
+                assert!(
+                    kept,
+                    "the pending will and the time it went offline are stored"
+                );
+            } else {
+                assert_eq!(
+                    got,
+                    ["later", "now"],
+                    "the sessions end: every will goes out"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn restored_sessions_count_expiry_and_will_delay_from_when_they_went_offline() {
+        let t0 = Instant::now();
+        let msg = |p: &'static [u8]| Message {
+            topic: "will".into(),
+            payload: Bytes::from_static(p),
+            qos: QoS::Level0,
+            retain: false,
+            props: Default::default(),
+            expires: None,
+        };
+        let record = |id: &str, since: Option<Instant>, will: Option<(Message, u32)>| Record {
+            client: id.into(),
+            expiry: 100,
+            v5: true,
+            subs: Vec::new(),
+            offline_since: since,
+            will,
+        };
+        let mut b = broker();
+        b.restore(
+            vec![
+                // Offline for 90 s: 10 s left; its will (delay 60) is already due.
+                record(
+                    "old",
+                    Some(t0 - Duration::from_secs(90)),
+                    Some((msg(b"old"), 60)),
+                ),
+                // Connected when the server died: its will (delay 0) goes out now.
+                record("crashed", None, Some((msg(b"crashed"), 0))),
+                // Offline for 10 s, will delay 60: 50 s to go.
+                record(
+                    "waiting",
+                    Some(t0 - Duration::from_secs(10)),
+                    Some((msg(b"waiting"), 60)),
+                ),
+            ],
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            t0,
+        );
+        connect(&mut b, 1, "s", Version::V5, true, None);
+        subscribe(&mut b, 1, "will", QoS::Level0);
+        b.out.clear();
+        b.tick(t0);
+        let mut got: Vec<String> = publishes(&mut b, 1)
+            .iter()
+            .map(|d| String::from_utf8_lossy(&d.msg.payload).into_owned())
+            .collect();
+        got.sort();
+        assert_eq!(got, ["crashed", "old"]);
+        assert_eq!(b.sessions(), 4);
+        b.tick(t0 + Duration::from_secs(11));
+        assert_eq!(b.sessions(), 3, "'old' expired 100 s after it went offline");
+        b.tick(t0 + Duration::from_secs(51));
+        assert!(publishes(&mut b, 1)
+            .iter()
+            .any(|d| &d.msg.payload[..] == b"waiting"));
     }
 }

@@ -50,6 +50,9 @@ const READ_BUF: usize = 64 * 1024;
 const READS_PER_ROUND: usize = 4;
 /// Output bytes a connection may have waiting before QoS 0 deliveries to it are dropped.
 const QOS0_OUT_CAP: usize = 4 << 20;
+/// Connections over `--max-connections` answered with a refusing CONNACK at a time (more are
+/// closed at once).
+const MAX_REFUSING: usize = 256;
 /// Output bytes above which a connection's input is not read until it drains.
 const OUT_BACKPRESSURE: usize = 8 << 20;
 
@@ -105,8 +108,9 @@ struct Shared {
     broker: Mutex<Broker>,
     stats: Arc<super::broker::Stats>,
     loops: Vec<LoopShared>,
-    store: Option<mpsc::Sender<StoreBatch>>,
     active: AtomicUsize,
+    /// Connections over `--max-connections` being answered CONNACK "quota exceeded".
+    refusing: AtomicUsize,
     cfg: ServeConfig,
 }
 
@@ -185,6 +189,8 @@ struct Conn {
     sock: Socket,
     session: Session,
     sent: usize,
+    /// Over `--max-connections`: its CONNECT gets a refusing CONNACK.
+    refused: bool,
     peer_uid: Option<u32>,
     readable: bool,
     /// Closing: flush what is queued, then close.
@@ -277,8 +283,8 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         stats: broker.stats.clone(),
         broker: Mutex::new(broker),
         loops,
-        store: store_tx,
         active: AtomicUsize::new(0),
+        refusing: AtomicUsize::new(0),
         cfg: cfg.clone(),
     });
     {
@@ -310,12 +316,16 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
             let tcp = tcp_socks.get(i);
             let unix = unix_sock.as_ref();
             let sig = signals.fd();
+            // Each loop has its own sender: when the loops are gone, the store thread's
+            // channel closes and it finishes.
+            let store = store_tx.clone();
             handles.push(
                 std::thread::Builder::new()
                     .name(format!("bus-loop-{i}"))
-                    .spawn_scoped(scope, move || event_loop(i, &sh, tcp, unix, sig)),
+                    .spawn_scoped(scope, move || event_loop(i, &sh, store, tcp, unix, sig)),
             );
         }
+        drop(store_tx);
         let mut result: io::Result<()> = Ok(());
         for h in handles {
             match h {
@@ -330,8 +340,6 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         result
     });
     // The loops are gone: let the store finish what it was given, then stop.
-    let shared = Arc::try_unwrap(shared).ok();
-    drop(shared);
     if let Some(t) = store_thread {
         let _ = t.join();
     }
@@ -367,6 +375,26 @@ fn store_loop(store: Store, rx: mpsc::Receiver<StoreBatch>, shared: &Arc<Shared>
     }
 }
 
+/// Queue connection `t`'s deadline if it is earlier than the one queued (a later one is
+/// re-armed lazily when the queued one comes up); drop the queued one if it has none (no
+/// keep-alive: the CONNECT deadline goes now, not when it comes up).
+fn arm(timers: &mut Timers<usize>, c: &mut Conn, t: usize) {
+    match c.session.deadline() {
+        Some(d) if c.deadline.is_none_or(|q| d < q) => {
+            if let Some(old) = c.deadline.replace(d) {
+                timers.remove(old, t);
+            }
+            timers.insert(d, t);
+        }
+        None => {
+            if let Some(old) = c.deadline.take() {
+                timers.remove(old, t);
+            }
+        }
+        Some(_) => {}
+    }
+}
+
 /// The peer's address, for logs and the broker's identity.
 fn peer(sock: &Socket) -> String {
     sock.peer_addr()
@@ -380,6 +408,7 @@ fn flags() -> EpollFlags {
 struct Loop<'a> {
     index: usize,
     shared: &'a Shared,
+    store: Option<mpsc::Sender<StoreBatch>>,
     epoll: Epoll,
     conns: Slab<Conn>,
     timers: Timers<usize>,
@@ -394,6 +423,7 @@ struct Loop<'a> {
 fn event_loop(
     index: usize,
     shared: &Shared,
+    store: Option<mpsc::Sender<StoreBatch>>,
     tcp: Option<&Socket>,
     unix: Option<&Socket>,
     signal: BorrowedFd<'_>,
@@ -416,6 +446,7 @@ fn event_loop(
     let mut lp = Loop {
         index,
         shared,
+        store,
         epoll,
         conns: Slab::new(),
         timers: Timers::new(),
@@ -489,7 +520,7 @@ fn event_loop(
             }
         }
         if stopping {
-            lp.shutdown(tcp, unix);
+            lp.shutdown(tcp, unix, now);
             return Ok(());
         }
         // Stalled readers whose reason cleared.
@@ -515,10 +546,19 @@ impl Loop<'_> {
                 },
             };
             let max = self.shared.cfg.max_connections;
+            let mut refused = false;
             if self.shared.active.fetch_add(1, Ordering::Relaxed) >= max {
                 self.shared.active.fetch_sub(1, Ordering::Relaxed);
-                tracing::warn!(peer = %display_addr(&addr), max, "connection limit reached: closing new connection");
-                continue;
+                // Over the limit: its CONNECT is answered "quota exceeded" (3.1.1: "server
+                // unavailable") so the client knows why; past a few of those at a time, the
+                // connection is just closed.
+                if self.shared.refusing.fetch_add(1, Ordering::Relaxed) >= MAX_REFUSING {
+                    self.shared.refusing.fetch_sub(1, Ordering::Relaxed);
+                    tracing::warn!(peer = %display_addr(&addr), max, "connection limit reached: closing new connection");
+                    continue;
+                }
+                tracing::warn!(peer = %display_addr(&addr), max, "connection limit reached: refusing the CONNECT");
+                refused = true;
             }
             let peer_uid = if addr.is_unix() {
                 nix::sys::socket::getsockopt(&sock, nix::sys::socket::sockopt::PeerCredentials)
@@ -535,6 +575,7 @@ impl Loop<'_> {
                 sock,
                 session,
                 sent: 0,
+                refused,
                 peer_uid,
                 readable: true,
                 closing: false,
@@ -595,6 +636,18 @@ impl Loop<'_> {
                     let mut fresh = Vec::new();
                     let r = c.session.receive(&self.buf[..n], now, &mut fresh);
                     for e in fresh {
+                        if c.refused {
+                            if let Inbound::Connect(..) = e {
+                                let code = mqtt_proto::v5::ConnectReasonCode::QuotaExceeded;
+                                let ack = mqtt_proto::v5::Connack::new(false, code);
+                                c.session.send(&mqtt_proto::v5::Packet::Connack(ack));
+                                c.closing = true;
+                                c.readable = false;
+                                self.dirty.push(t);
+                                return;
+                            }
+                            continue;
+                        }
                         if let Inbound::Packet(mqtt_proto::v5::Packet::Disconnect(_)) = &e {
                             c.abnormal = false;
                         }
@@ -603,23 +656,8 @@ impl Loop<'_> {
                     if !c.session.out.is_empty() {
                         self.dirty.push(t);
                     }
-                    // CONNECT replaces the connect timeout by the keep-alive deadline, which
-                    // may be earlier: queue it (later ones are re-armed lazily).
-                    match c.session.deadline() {
-                        Some(d) if c.deadline.is_none_or(|q| d < q) => {
-                            if let Some(old) = c.deadline.replace(d) {
-                                self.timers.remove(old, t);
-                            }
-                            self.timers.insert(d, t);
-                        }
-                        // No keep-alive: the CONNECT deadline goes now, not when it comes up.
-                        None => {
-                            if let Some(old) = c.deadline.take() {
-                                self.timers.remove(old, t);
-                            }
-                        }
-                        Some(_) => {}
-                    }
+                    // CONNECT replaces the connect timeout by the keep-alive deadline.
+                    arm(&mut self.timers, c, t);
                     if let Err(v) = r {
                         tracing::info!(peer = %peer(&c.sock), reason = ?v.reason, "protocol violation: {}", v.message);
                         c.session.violation(&v);
@@ -743,23 +781,29 @@ impl Loop<'_> {
             if tick {
                 *next_tick = b.tick(now);
             }
-            let ops = std::mem::take(&mut b.ops);
-            let gated = std::mem::take(&mut b.gated);
-            let outs = std::mem::take(&mut b.out);
-            if let Some(store) = &self.shared.store {
-                if !ops.is_empty() || !gated.is_empty() {
-                    // Sent under the broker lock so the store sees changes in their order.
-                    let _ = store.send((ops, gated));
-                }
-            } else {
-                self.shared.append(gated, self.index, &mut mine, &mut wake);
-            }
-            self.shared.append(outs, self.index, &mut mine, &mut wake);
+            self.hand_out(&mut b, &mut mine, &mut wake);
         }
         for l in wake {
             self.shared.loops[l].wake();
         }
         self.apply(mine);
+    }
+
+    /// Under the broker lock: the round's changes to the store (with the acknowledgements
+    /// that wait for them), the outputs to the loops they belong to.
+    fn hand_out(&self, b: &mut Broker, mine: &mut Vec<(ConnId, Out)>, wake: &mut Vec<usize>) {
+        let ops = std::mem::take(&mut b.ops);
+        let gated = std::mem::take(&mut b.gated);
+        let outs = std::mem::take(&mut b.out);
+        if let Some(store) = &self.store {
+            if !ops.is_empty() || !gated.is_empty() {
+                // Sent under the broker lock so the store sees changes in their order.
+                let _ = store.send((ops, gated));
+            }
+        } else {
+            self.shared.append(gated, self.index, mine, wake);
+        }
+        self.shared.append(outs, self.index, mine, wake);
     }
 
     fn take_inbox(&mut self) {
@@ -782,7 +826,11 @@ impl Loop<'_> {
                 continue;
             };
             match o {
-                Out::Packet(p) => c.session.send(&p),
+                Out::Packet(p) => {
+                    c.session.send(&p);
+                    // A CONNACK's Server Keep Alive may have set (or shortened) it.
+                    arm(&mut self.timers, c, t);
+                }
                 Out::Publish(d) => {
                     if c.closing {
                         continue;
@@ -873,6 +921,10 @@ impl Loop<'_> {
         if let Some(d) = c.deadline {
             self.timers.remove(d, t);
         }
+        if c.refused {
+            self.shared.refusing.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
         self.shared.active.fetch_sub(1, Ordering::Relaxed);
         tracing::debug!(peer = %peer(&c.sock), "bus connection closed");
         if c.announced || c.session.phase() != Phase::AwaitConnect {
@@ -880,20 +932,68 @@ impl Loop<'_> {
         }
     }
 
-    /// Stop: no more accepts, 5.0 clients are told the server is shutting down, every
-    /// connection is flushed (briefly) and closed.
-    fn shutdown(&mut self, tcp: Option<&Socket>, unix: Option<&Socket>) {
+    /// Stop: no more accepts; the broker ends every session's connection as lost (wills go
+    /// out, to connections still open too); 5.0 clients are told the server is shutting
+    /// down; what is queued is flushed for up to a second, then every connection is closed.
+    fn shutdown(&mut self, tcp: Option<&Socket>, unix: Option<&Socket>, now: Instant) {
         if let Some(l) = tcp {
             let _ = self.epoll.delete(l);
         }
         if let Some(l) = unix {
             let _ = self.epoll.delete(l);
         }
-        for t in self.conns.tokens() {
+        let mut mine = Vec::new();
+        let mut wake = Vec::new();
+        {
+            let mut b = self.shared.broker.lock().unwrap_or_else(|e| e.into_inner());
+            mine.append(
+                &mut self.shared.loops[self.index]
+                    .inbox
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()),
+            );
+            // Every loop does this; the first one ends all sessions, the later ones what
+            // connected since (a repeated call finds nothing else to do).
+            b.shutdown(now);
+            self.hand_out(&mut b, &mut mine, &mut wake);
+        }
+        for l in wake {
+            self.shared.loops[l].wake();
+        }
+        self.apply(mine);
+        let tokens = self.conns.tokens();
+        for &t in &tokens {
             if let Some(c) = self.conns.get_mut(t) {
                 c.session.disconnect(Drc::ServerShuttingDown);
-                let _ = c.sock.send(&c.session.out[c.sent..]);
             }
+        }
+        let deadline = Instant::now() + Duration::from_secs(1);
+        loop {
+            let mut left = false;
+            for &t in &tokens {
+                let Some(c) = self.conns.get_mut(t) else {
+                    continue;
+                };
+                while c.sent < c.session.out.len() {
+                    match c.sock.send(&c.session.out[c.sent..]) {
+                        Ok(n) => c.sent += n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            left = true;
+                            break;
+                        }
+                        Err(_) => {
+                            c.sent = c.session.out.len(); // gone: nothing more to do
+                        }
+                    }
+                }
+            }
+            if !left || Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for t in tokens {
             self.conns.remove(t);
         }
     }
