@@ -556,18 +556,21 @@ impl Broker {
         mut identity: Identity,
         now: Instant,
     ) {
-        let refuse = |b: &mut Broker, code: Crc| {
-            b.send(
-                conn,
-                pkt(v5::Packet::Connack(v5::Connack::new(false, code))),
-            );
+        let refuse = |b: &mut Broker, code: Crc, why: &str| {
+            let mut ack = v5::Connack::new(false, code);
+            ack.properties.reason_string = Some(why.into());
+            b.send(conn, pkt(v5::Packet::Connack(ack)));
             b.send(conn, Out::Close(None));
         };
         let mut assigned = None;
         let id: Arc<str> = if c.client_id.is_empty() {
             if !version.is_v5() && !c.clean_start {
                 // 3.1.1: a zero-length identifier needs a clean session.
-                return refuse(self, Crc::ClientIdentifierNotValid);
+                return refuse(
+                    self,
+                    Crc::ClientIdentifierNotValid,
+                    "an empty client identifier needs a clean session",
+                );
             }
             self.assigned += 1;
             let id: Arc<str> = format!("socklab-{}-{}", std::process::id(), self.assigned).into();
@@ -581,19 +584,27 @@ impl Broker {
         if let Some(method) = &c.properties.auth_method {
             // Enhanced authentication (AUTH exchanges) is not offered: no method is known.
             tracing::info!(client = %id, peer = %identity.peer, %method, "connection refused: unknown authentication method");
-            return refuse(self, Crc::BadAuthMethod);
+            return refuse(
+                self,
+                Crc::BadAuthMethod,
+                "no enhanced authentication method is offered",
+            );
         }
         if let Some(max) = self.cfg.max_keep_alive {
             // 3.1.1 has no way to tell a client to use another keep-alive: one longer than
             // allowed (or none) is refused, as mosquitto does.
             if !version.is_v5() && (c.keep_alive == 0 || c.keep_alive > max) {
                 tracing::info!(client = %id, peer = %identity.peer, keep_alive = c.keep_alive, max, "connection refused: keep-alive over --max-keep-alive");
-                return refuse(self, Crc::ClientIdentifierNotValid);
+                return refuse(
+                    self,
+                    Crc::ClientIdentifierNotValid,
+                    "keep-alive over the server's maximum",
+                );
             }
         }
         if let Err(code) = self.auth.connect(&identity, c.password.as_deref()) {
             tracing::info!(client = %id, peer = %identity.peer, ?code, "connection refused");
-            return refuse(self, code);
+            return refuse(self, code, "not authorized");
         }
         let expiry = if version.is_v5() {
             c.properties.session_expiry_interval.unwrap_or(0)

@@ -639,7 +639,9 @@ impl Loop<'_> {
                         if c.refused {
                             if let Inbound::Connect(..) = e {
                                 let code = mqtt_proto::v5::ConnectReasonCode::QuotaExceeded;
-                                let ack = mqtt_proto::v5::Connack::new(false, code);
+                                let mut ack = mqtt_proto::v5::Connack::new(false, code);
+                                ack.properties.reason_string =
+                                    Some("the server's connection limit is reached".into());
                                 c.session.send(&mqtt_proto::v5::Packet::Connack(ack));
                                 c.closing = true;
                                 c.readable = false;

@@ -360,7 +360,25 @@ impl Session {
             }
             _ => {}
         }
+        let start = self.out.len();
         codec::encode(self.version, packet, &mut self.out);
+        // A Reason String must not take a packet over the client's maximum size: without it.
+        if self.out.len() - start > self.client_max_packet as usize {
+            self.out.truncate(start);
+            match packet {
+                v5::Packet::Disconnect(d) if d.properties.reason_string.is_some() => {
+                    let mut d = d.clone();
+                    d.properties.reason_string = None;
+                    codec::encode(self.version, &v5::Packet::Disconnect(d), &mut self.out);
+                }
+                v5::Packet::Connack(c) if c.properties.reason_string.is_some() => {
+                    let mut c = c.clone();
+                    c.properties.reason_string = None;
+                    codec::encode(self.version, &v5::Packet::Connack(c), &mut self.out);
+                }
+                _ => codec::encode(self.version, packet, &mut self.out),
+            }
+        }
     }
 
     /// Encode a delivery, choosing an outgoing topic alias when the client allows them.
@@ -390,25 +408,47 @@ impl Session {
         ok
     }
 
-    /// Close for a violation: a 5.0 client past CONNECT is told why with a DISCONNECT.
+    /// Close for a violation: a 5.0 client past CONNECT is told why with a DISCONNECT (its
+    /// reason code, and what happened as the Reason String).
     pub fn violation(&mut self, v: &Violation) {
         if self.phase != Phase::AwaitConnect && self.version.is_v5() && self.out.len() < (1 << 20) {
-            self.disconnect(v.reason);
+            self.disconnect_because(v.reason, &v.message);
         }
         self.phase = Phase::Closed;
     }
 
-    /// Close with a DISCONNECT carrying `reason` (5.0 only; 3.1.1 servers just close).
+    /// Close with a DISCONNECT carrying `reason` (5.0 only; 3.1.1 servers just close), and a
+    /// Reason String saying it in words.
     pub fn disconnect(&mut self, reason: Drc) {
+        let why = match reason {
+            Drc::KeepAliveTimeout => "nothing received for 1.5 times the keep-alive",
+            Drc::ServerShuttingDown => "the server is shutting down",
+            Drc::SessionTakenOver => "another connection took the session over",
+            Drc::ProtocolError => "protocol error",
+            _ => "",
+        };
+        self.disconnect_because(reason, why);
+    }
+
+    fn disconnect_because(&mut self, reason: Drc, why: &str) {
         if self.phase != Phase::AwaitConnect && self.version.is_v5() {
-            codec::encode(
-                self.version,
-                &v5::Packet::Disconnect(v5::Disconnect::new(reason)),
-                &mut self.out,
-            );
+            let mut d = v5::Disconnect::new(reason);
+            if !why.is_empty() {
+                d.properties.reason_string = Some(truncate(why, 200).into());
+            }
+            self.send(&v5::Packet::Disconnect(d));
         }
         self.phase = Phase::Closed;
     }
+}
+
+/// At most `max` bytes of `s`, cut at a character boundary.
+fn truncate(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 #[cfg(test)]
@@ -456,7 +496,20 @@ mod tests {
         let e = feed(&mut s, &two).unwrap_err();
         assert_eq!(e.reason, Drc::ProtocolError);
         s.violation(&e);
-        assert_eq!(&s.out[..], &[0xe0, 1, 0x82], "DISCONNECT 0x82");
+        assert_eq!(&s.out[..3], &[0xe0, s.out[1], 0x82], "DISCONNECT 0x82");
+        let v5::Packet::Disconnect(d) = v5::Packet::decode(&s.out).unwrap().unwrap() else {
+            panic!("{:x?}", s.out)
+        };
+        assert_eq!(
+            d.properties.reason_string.as_deref(),
+            Some("protocol error: a second CONNECT"),
+            "the reason in words"
+        );
+        // A client whose maximum packet size leaves no room gets the DISCONNECT without it.
+        let mut s = Session::new(SessionConfig::default(), Instant::now());
+        feed(&mut s, &connect_v5(&[0x27, 0, 0, 0, 3])).unwrap();
+        s.disconnect(Drc::KeepAliveTimeout);
+        assert_eq!(&s.out[..], &[0xe0, 1, 0x8d]);
     }
 
     #[test]
