@@ -11,6 +11,9 @@
 //! packet value per subscriber (`benches/bus-codec/` measures it).
 
 use bytes::Bytes;
+/// The codec crate the bus is built on, for code that decodes beside it (the fuzz target
+/// checks that everything the broker sends decodes again).
+pub use mqtt_proto;
 use mqtt_proto::v5::{self, DisconnectReasonCode as Drc};
 use mqtt_proto::{v3, Pid, Protocol, QoS, QosPid};
 use std::sync::Arc;
