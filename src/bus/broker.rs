@@ -85,8 +85,10 @@ pub struct BrokerConfig {
     pub max_queued: usize,
     /// Bytes queued for one client.
     pub max_queued_bytes: usize,
-    /// Bytes queued for all clients together.
+    /// Bytes of queued and retained messages together (the global memory cap).
     pub max_total_bytes: usize,
+    /// Sessions, connected or not (past it a new client gets CONNACK "quota exceeded").
+    pub max_sessions: usize,
     /// Largest packet accepted (sent in CONNACK).
     pub max_packet: u32,
     /// Topic aliases a client may use (sent in CONNACK).
@@ -110,6 +112,7 @@ impl Default for BrokerConfig {
             max_queued: 1000,
             max_queued_bytes: 16 << 20,
             max_total_bytes: 1 << 30,
+            max_sessions: 1_000_000,
             max_packet: 1 << 20,
             topic_alias_max: 64,
             receive_max: 1024,
@@ -339,6 +342,10 @@ pub struct Broker {
     /// Retained messages by topic (walked by each new subscription's filter).
     retained: ByTopic<Arc<Message>>,
     total_queued: usize,
+    /// Bytes held by retained messages (they count against the global cap too).
+    retained_bytes: usize,
+    /// Retained messages not kept for the global cap (the log says so at 1, 2, 4...).
+    retained_refused: u64,
     /// Shared counters.
     pub stats: Arc<Stats>,
     started: Instant,
@@ -367,6 +374,8 @@ impl Broker {
             conns: HashMap::new(),
             trie: Trie::new(),
             retained: ByTopic::new(),
+            retained_bytes: 0,
+            retained_refused: 0,
             total_queued: 0,
             stats: Arc::new(Stats::default()),
             started: now,
@@ -422,6 +431,7 @@ impl Broker {
     ) {
         for m in retained {
             let topic = m.topic.clone();
+            self.retained_bytes += m.cost();
             self.retained.insert(&topic, Arc::new(m));
         }
         for r in records {
@@ -637,6 +647,14 @@ impl Broker {
         }
         let ix = match self.by_id.get(&id) {
             Some(&ix) => ix,
+            None if self.clients.len() >= self.cfg.max_sessions => {
+                tracing::warn!(client = %id, max = self.cfg.max_sessions, "connection refused: too many sessions");
+                return refuse(
+                    self,
+                    Crc::QuotaExceeded,
+                    "the server holds too many sessions",
+                );
+            }
             None => self.new_client(id.clone(), version, identity.clone()),
         };
         let cfg_inflight = self.cfg.max_inflight.max(1);
@@ -828,7 +846,10 @@ impl Broker {
     ) {
         let max_queued = self.cfg.max_queued;
         let max_bytes = self.cfg.max_queued_bytes;
-        let total_room = self.cfg.max_total_bytes.saturating_sub(self.total_queued);
+        let total_room = self
+            .cfg
+            .max_total_bytes
+            .saturating_sub(self.total_queued + self.retained_bytes);
         let Some(cl) = self.clients.get_mut(ix) else {
             return;
         };
@@ -1003,17 +1024,38 @@ impl Broker {
         self.route(msg, None, now);
     }
 
+    /// Set, replace or (empty payload) clear the retained message of a topic. Retained
+    /// messages count against the global memory cap with the queues: past it, a new one is
+    /// not kept (it is still delivered), counted and logged.
     fn set_retained(&mut self, msg: Arc<Message>) {
         if msg.payload.is_empty() {
-            if self.retained.remove(&msg.topic).is_some() {
+            if let Some(old) = self.retained.remove(&msg.topic) {
+                self.retained_bytes -= old.cost();
                 self.ops.push(StoreOp::Retain(msg.topic.clone(), None));
             }
-        } else {
-            self.retained.insert(&msg.topic, msg.clone());
-            if msg.qos != QoS::Level0 || self.cfg.durable {
-                self.ops
-                    .push(StoreOp::Retain(msg.topic.clone(), Some((*msg).clone())));
+            return;
+        }
+        let cost = msg.cost();
+        let old = self.retained.get(&msg.topic).map_or(0, |m| m.cost());
+        let used = self.total_queued + self.retained_bytes - old;
+        if used + cost > self.cfg.max_total_bytes {
+            self.retained_refused += 1;
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            if self.retained_refused.is_power_of_two() {
+                tracing::warn!(
+                    topic = %msg.topic, refused = self.retained_refused,
+                    "memory cap reached: a retained message is not kept (count so far)"
+                );
             }
+            return;
+        }
+        self.retained_bytes = self.retained_bytes - old + cost;
+        self.retained.insert(&msg.topic, msg.clone());
+        // `$SYS` is the broker's own, made anew after a restart: not stored.
+        let own = msg.topic.starts_with("$SYS/");
+        if !own && (msg.qos != QoS::Level0 || self.cfg.durable) {
+            self.ops
+                .push(StoreOp::Retain(msg.topic.clone(), Some((*msg).clone())));
         }
     }
 
@@ -1434,7 +1476,7 @@ impl Broker {
                 props: Default::default(),
                 expires: None,
             });
-            self.retained.insert(&msg.topic, msg.clone());
+            self.set_retained(msg.clone());
             self.route(msg, None, now);
         }
     }
@@ -1941,5 +1983,39 @@ mod tests {
         assert!(publishes(&mut b, 1)
             .iter()
             .any(|d| &d.msg.payload[..] == b"waiting"));
+    }
+    #[test]
+    fn the_global_cap_covers_retained_messages_and_sessions_are_capped() {
+        let mut b = Broker::new(
+            BrokerConfig {
+                max_total_bytes: 300,
+                max_sessions: 2,
+                ..Default::default()
+            },
+            Arc::new(AllowAll),
+            Instant::now(),
+        );
+        connect(&mut b, 1, "p", Version::V5, true, None);
+        // Each costs 64 + topic + payload bytes: 66 here, so four fit in 300.
+        for t in ["a", "b", "c", "d", "e", "f"] {
+            publish(&mut b, 1, t, b"x", QoS::Level0, 0, true);
+        }
+        assert_eq!(b.retained_count(), 4);
+        assert_eq!(b.stats.dropped.load(Ordering::Relaxed), 2);
+        // Replacing one does not need more room; clearing one makes room.
+        publish(&mut b, 1, "a", b"y", QoS::Level0, 0, true);
+        publish(&mut b, 1, "b", b"", QoS::Level0, 0, true);
+        publish(&mut b, 1, "e", b"x", QoS::Level0, 0, true);
+        assert_eq!(b.retained_count(), 4);
+        connect(&mut b, 2, "q", Version::V5, true, None);
+        b.out.clear();
+        connect(&mut b, 3, "r", Version::V5, true, None);
+        let refused = b.out.iter().any(|(c, o)| {
+            *c == 3
+                && matches!(o, Out::Packet(p) if matches!(&**p,
+                    v5::Packet::Connack(a) if a.reason_code == Crc::QuotaExceeded))
+        });
+        assert!(refused, "a third session is refused");
+        assert_eq!(b.sessions(), 2);
     }
 }

@@ -77,9 +77,12 @@ pub struct ServeArgs {
     /// Bytes queued per client.
     #[arg(long, value_parser = parse_size, default_value = "16M")]
     pub max_queued_bytes: usize,
-    /// Bytes queued for all clients together (the global memory cap of queues).
+    /// Bytes of queued and retained messages together (the global memory cap).
     #[arg(long, value_parser = parse_size, default_value = "1G")]
     pub max_memory: usize,
+    /// Sessions kept, connected or offline (past it a new client is refused, 0x97).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub max_sessions: usize,
     /// QoS 1/2 messages in flight to one client.
     #[arg(long, default_value_t = 20)]
     pub max_inflight: u16,
@@ -130,6 +133,7 @@ pub fn run(args: &BusArgs, verbose: u8) -> anyhow::Result<()> {
                     max_queued: a.max_queued,
                     max_queued_bytes: a.max_queued_bytes,
                     max_total_bytes: a.max_memory,
+                    max_sessions: a.max_sessions,
                     max_packet: a.max_packet.min(u32::MAX as usize) as u32,
                     max_keep_alive: a.max_keep_alive,
                     max_subscriptions: a.max_subscriptions,
