@@ -132,6 +132,10 @@ impl Shared {
             return;
         }
         let n = self.loops.len();
+        if n == 1 {
+            mine.extend(outs);
+            return;
+        }
         let mut per: Vec<Vec<(ConnId, Out)>> = (0..n).map(|_| Vec::new()).collect();
         for (id, o) in outs {
             let l = loop_of(id);
@@ -191,6 +195,8 @@ struct Conn {
     sent: usize,
     /// Over `--max-connections`: its CONNECT gets a refusing CONNACK.
     refused: bool,
+    /// Already in this round's list of connections to flush.
+    marked: bool,
     peer_uid: Option<u32>,
     readable: bool,
     /// Closing: flush what is queued, then close.
@@ -576,6 +582,7 @@ impl Loop<'_> {
                 session,
                 sent: 0,
                 refused,
+                marked: false,
                 peer_uid,
                 readable: true,
                 closing: false,
@@ -822,6 +829,8 @@ impl Loop<'_> {
     /// Encode outputs for this loop's connections.
     fn apply(&mut self, items: Vec<(ConnId, Out)>) {
         let stats = &self.shared.stats;
+        let now = Instant::now();
+        let mut sent = 0;
         for (id, o) in items {
             let t = (id & 0xffff_ffff) as usize;
             let Some(c) = self.conns.get_mut(t).filter(|c| c.id == id) else {
@@ -848,11 +857,9 @@ impl Loop<'_> {
                         retain: d.retain,
                         sub_ids: &d.sub_ids,
                         alias: None,
-                        expiry: d.msg.expiry_left(Instant::now()),
+                        expiry: d.msg.expiry_left(now),
                     };
-                    if c.session.deliver(&d.msg, h) {
-                        stats.msgs_out.fetch_add(1, Ordering::Relaxed);
-                    }
+                    sent += c.session.deliver(&d.msg, h) as u64;
                 }
                 Out::Close(reason) => {
                     if let Some(r) = reason {
@@ -864,8 +871,13 @@ impl Loop<'_> {
                     c.readable = false;
                 }
             }
-            self.dirty.push(t);
+            // Once per connection per round, however many deliveries it got.
+            if !c.marked {
+                c.marked = true;
+                self.dirty.push(t);
+            }
         }
+        stats.msgs_out.fetch_add(sent, Ordering::Relaxed);
     }
 
     /// Send what each connection has waiting (one `send` per connection per round); close
@@ -878,6 +890,7 @@ impl Loop<'_> {
             let Some(c) = self.conns.get_mut(t) else {
                 continue;
             };
+            c.marked = false;
             let mut failed = false;
             while c.sent < c.session.out.len() {
                 match c.sock.send(&c.session.out[c.sent..]) {
