@@ -18,8 +18,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source benches/lib.sh
 command -v mosquitto >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients >/dev/null; }
-cargo build --release -q
-bin=$PWD/target/release/socklab
+socklab=$(socklab_build)
+bin=$socklab
 rounds=${ROUNDS:-3}
 secs=${SECS:-5}
 inflight=${INFLIGHT:-64}

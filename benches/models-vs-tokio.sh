@@ -11,8 +11,7 @@ cd "$(dirname "$0")/.."
 secs=${1:-3}; rounds=${2:-2}
 workers=$(nproc)
 source benches/lib.sh
-cargo build --release -q
-socklab=target/release/socklab
+socklab=$(socklab_build)
 
 start() { # service model -> address
   "$socklab" serve "$1" --model "$2" --workers "$workers" --listen 127.0.0.1:0 --backlog 4096 \

@@ -80,6 +80,16 @@ pub fn cores() -> usize {
 /// [`crate::net::NetError`] for a bad or busy address (a user error), other errors for
 /// failures of the server itself.
 pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
+    for (name, d) in [
+        ("--idle-timeout", args.idle_timeout),
+        ("--grace", args.grace),
+        ("--header-timeout", args.header_timeout),
+    ] {
+        if d > MAX_DURATION {
+            return Err(UsageError(format!("{name} {d:?} is too long (at most 100 years)")).into());
+        }
+    }
+    log_panics();
     let endpoint = match &args.unix {
         Some(p) => Endpoint::Unix(p.clone()),
         None => Endpoint::Inet(args.listen.clone()),
@@ -112,6 +122,12 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         }));
     }
     let mut signals = Signals::install().context("installing signal handlers")?;
+    // Every connection is a descriptor (two with a file body): use what the hard limit
+    // allows rather than stop accepting at the usual soft limit of 1,024.
+    match crate::sys::raise_fd_limit() {
+        Ok(limit) => tracing::debug!(limit, "open descriptors allowed"),
+        Err(e) => tracing::warn!("cannot raise the descriptor limit: {e}"),
+    }
 
     if args.udp {
         if let Some(m) = args.model {
@@ -163,6 +179,33 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     result.with_context(|| format!("{model} server"))?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The longest timeout accepted: deadlines are computed as "now + timeout", which must not
+/// overflow the clock.
+const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// Route panic reports through the log, one line with where it happened. A panic in one
+/// connection's handling is then also caught at the connection boundary
+/// ([`crate::model::contain`]) and logged with the peer; the server goes on.
+fn log_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".into());
+        let at = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let thread = std::thread::current()
+            .name()
+            .unwrap_or("unnamed")
+            .to_string();
+        tracing::error!(%thread, at, "panic: {msg}");
+    }));
 }
 
 /// Print the bound address as the first line on stdout, and flush it (scripts wait for it).

@@ -1,11 +1,20 @@
-//! SIGINT/SIGTERM/SIGCHLD turned into flags and a self-pipe wake-up.
+//! Signals turned into flags and a self-pipe wake-up.
 //!
-//! The handlers set an atomic flag and write one byte to a pipe; event loops watch the
-//! pipe's read end next to their sockets, blocking accept loops `poll` it next to the
-//! listener. SIGINT and SIGTERM are installed *without* `SA_RESTART`, so a process blocked in
-//! `recv` gets `EINTR` and can look at the flag (the course's "signal interrupts recv"):
-//! this is how the iterative server and forked children notice a shutdown. SIGPIPE is
-//! ignored: a send to a closed peer returns `EPIPE` instead of killing the server.
+//! | signal | what the server does |
+//! | --- | --- |
+//! | SIGINT, SIGTERM | stop: no new connections, in-flight requests finish within `--grace`, exit 0 |
+//! | SIGHUP | the same (its terminal went away: drain and stop rather than die mid-answer); left ignored if it was ignored at start, as under `nohup` |
+//! | SIGUSR1, SIGUSR2 | logged and otherwise ignored (their default action would kill the server with no drain) |
+//! | SIGCHLD | the process models reap their children |
+//! | SIGPIPE | ignored: a send to a closed peer returns `EPIPE` instead of killing the server |
+//!
+//! The handlers set an atomic flag and write the signal's number as one byte to a pipe;
+//! event loops watch the pipe's read end next to their sockets, blocking accept loops `poll`
+//! it next to the listener, and whoever empties it logs the ignored signals
+//! ([`drain_fd`]). The handlers are installed *without* `SA_RESTART` (but SIGCHLD's), so a
+//! process blocked in a system call gets `EINTR` and can look at the flag (the course's
+//! "signal interrupts recv"): this is how the iterative server and forked children notice a
+//! shutdown.
 
 use nix::sys::signal::{SaFlags, SigHandler, Signal};
 use std::io;
@@ -18,10 +27,10 @@ static WAKE_FD: AtomicI32 = AtomicI32::new(-1);
 
 extern "C" fn on_signal(sig: libc::c_int) {
     let saved = nix::errno::Errno::last_raw();
-    if sig == libc::SIGCHLD {
-        CHILD.store(true, Ordering::SeqCst);
-    } else {
-        STOP.store(true, Ordering::SeqCst);
+    match sig {
+        libc::SIGCHLD => CHILD.store(true, Ordering::SeqCst),
+        libc::SIGINT | libc::SIGTERM | libc::SIGHUP => STOP.store(true, Ordering::SeqCst),
+        _ => {} // SIGUSR1/SIGUSR2: only the byte, logged by whoever drains the pipe
     }
     let fd = WAKE_FD.load(Ordering::SeqCst);
     if fd >= 0 {
@@ -44,15 +53,29 @@ pub struct Signals {
 }
 
 impl Signals {
-    /// Ignore SIGPIPE, install the SIGINT/SIGTERM/SIGCHLD handlers and create the pipe.
+    /// Ignore SIGPIPE, install the handlers of the table above and create the pipe.
     ///
     /// # Errors
     /// `pipe2` or `sigaction` errors.
     pub fn install() -> io::Result<Signals> {
         let signals = Signals::new_pipe()?;
         crate::sys::set_handler(Signal::SIGPIPE, SigHandler::SigIgn, SaFlags::empty())?;
-        for sig in [Signal::SIGINT, Signal::SIGTERM] {
+        for sig in [
+            Signal::SIGINT,
+            Signal::SIGTERM,
+            Signal::SIGUSR1,
+            Signal::SIGUSR2,
+        ] {
             crate::sys::set_handler(sig, SigHandler::Handler(on_signal), SaFlags::empty())?;
+        }
+        let before = crate::sys::set_handler(
+            Signal::SIGHUP,
+            SigHandler::Handler(on_signal),
+            SaFlags::empty(),
+        )?;
+        if matches!(before, SigHandler::SigIgn) {
+            // Started under `nohup` (or so): the user asked to survive a hangup.
+            crate::sys::set_handler(Signal::SIGHUP, SigHandler::SigIgn, SaFlags::empty())?;
         }
         crate::sys::set_handler(
             Signal::SIGCHLD,
@@ -87,13 +110,27 @@ impl Signals {
         self.read.as_fd()
     }
 
-    /// Empty the pipe (after a wake-up has been seen).
+    /// Empty the pipe (after a wake-up has been seen), logging ignored signals.
     pub fn drain(&self) {
-        let mut buf = [0u8; 64];
-        while let Ok(n) = nix::unistd::read(&self.read, &mut buf) {
-            if n < buf.len() {
-                break;
-            }
+        drain_fd(self.read.as_fd());
+    }
+}
+
+/// Empty a signal pipe (non-blocking), logging each SIGUSR1/SIGUSR2 found in it: they are
+/// ignored, and the log says so.
+pub fn drain_fd(fd: BorrowedFd<'_>) {
+    let mut buf = [0u8; 64];
+    while let Ok(n) = nix::unistd::read(fd, &mut buf) {
+        for &b in &buf[..n] {
+            let name = match i32::from(b) {
+                libc::SIGUSR1 => "SIGUSR1",
+                libc::SIGUSR2 => "SIGUSR2",
+                _ => continue,
+            };
+            tracing::info!("{name} received: ignored (SIGINT, SIGTERM and SIGHUP stop the server)");
+        }
+        if n < buf.len() {
+            break;
         }
     }
 }

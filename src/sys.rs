@@ -59,7 +59,29 @@ pub fn die_with_parent(parent: nix::unistd::Pid) -> io::Result<()> {
     Ok(())
 }
 
-/// Install `handler` for `signal` with `flags` (an empty mask while it runs).
+/// Have the process `cmd` will start receive `signal` when the thread spawning it exits
+/// (the kernel's parent-death signal, `PR_SET_PDEATHSIG`), so it never outlives its parent,
+/// whatever ends the parent. If the parent is already gone when the child gets there, the
+/// spawn fails instead.
+pub fn kill_with_parent(cmd: &mut std::process::Command, signal: nix::sys::signal::Signal) {
+    use std::os::unix::process::CommandExt as _;
+    let parent = nix::unistd::getpid();
+    // SAFETY: the closure runs in the child between fork and exec; it only makes
+    // async-signal-safe system calls (prctl, getppid) and builds an `io::Error` from an
+    // errno, which does not allocate.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(signal)?;
+            if nix::unistd::getppid() != parent {
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Install `handler` for `signal` with `flags` (an empty mask while it runs); returns the
+/// handler that was in place.
 ///
 /// # Errors
 /// `sigaction`'s errno (`EINVAL` for a signal that cannot be caught).
@@ -67,13 +89,13 @@ pub fn set_handler(
     signal: nix::sys::signal::Signal,
     handler: nix::sys::signal::SigHandler,
     flags: nix::sys::signal::SaFlags,
-) -> io::Result<()> {
+) -> io::Result<nix::sys::signal::SigHandler> {
     use nix::sys::signal::{SigAction, SigSet};
     let action = SigAction::new(handler, flags, SigSet::empty());
     // SAFETY: the handlers socklab installs (in `signals`) only touch atomics and call
     // `write(2)`, both async-signal-safe; `SIG_IGN`/`SIG_DFL` need no care.
-    unsafe { nix::sys::signal::sigaction(signal, &action) }?;
-    Ok(())
+    let before = unsafe { nix::sys::signal::sigaction(signal, &action) }?;
+    Ok(before.handler())
 }
 
 /// `poll(2)` on a caller-kept array of `pollfd`, retrying nothing: `EINTR` is returned as
@@ -103,55 +125,110 @@ pub fn timeout_ms(timeout: Option<Duration>) -> i32 {
     }
 }
 
-/// A counter in memory shared by a process and the children it forks later (an anonymous
+/// Counters in memory shared by a process and the children it forks later (an anonymous
 /// `MAP_SHARED` mapping): how the process-based models count connections across processes.
+/// Several cells, so that each preforked worker counts in its own and the parent can take
+/// a killed worker's count back ([`SharedCounter::cell`]).
 #[derive(Debug)]
 pub struct SharedCounter {
     ptr: std::ptr::NonNull<AtomicUsize>,
+    cells: usize,
 }
 
-// SAFETY: the pointee is an `AtomicUsize`, which may be used from any thread; the mapping
+// SAFETY: the pointees are `AtomicUsize`s, which may be used from any thread; the mapping
 // lives as long as the `SharedCounter`.
 unsafe impl Send for SharedCounter {}
 // SAFETY: as above, only atomic operations reach the shared memory.
 unsafe impl Sync for SharedCounter {}
 
 impl SharedCounter {
-    /// Map a new counter, starting at zero.
+    /// Map a new counter of one cell, starting at zero.
     ///
     /// # Errors
     /// `mmap`'s errno.
     pub fn new() -> io::Result<SharedCounter> {
+        SharedCounter::with_cells(1)
+    }
+
+    /// Map `cells` counters (at least one), all starting at zero.
+    ///
+    /// # Errors
+    /// `mmap`'s errno.
+    pub fn with_cells(cells: usize) -> io::Result<SharedCounter> {
         use nix::sys::mman::{MapFlags, ProtFlags};
-        let len = std::num::NonZeroUsize::new(std::mem::size_of::<AtomicUsize>()).expect("> 0");
+        let cells = cells.max(1);
+        let bytes = cells
+            .checked_mul(std::mem::size_of::<AtomicUsize>())
+            .and_then(std::num::NonZeroUsize::new)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
         // SAFETY: a fresh anonymous mapping, not aliasing any Rust object; the kernel
         // zero-fills it, and an all-zero `AtomicUsize` is a valid 0.
         let ptr = unsafe {
             nix::sys::mman::mmap_anonymous(
                 None,
-                len,
+                bytes,
                 ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
                 MapFlags::MAP_SHARED,
             )
         }?;
-        Ok(SharedCounter { ptr: ptr.cast() })
+        Ok(SharedCounter {
+            ptr: ptr.cast(),
+            cells,
+        })
     }
 
-    /// The counter.
+    /// The first cell.
     pub fn get(&self) -> &AtomicUsize {
-        // SAFETY: `ptr` points to a live, page-aligned mapping holding an `AtomicUsize`
-        // (see `new`); only shared references are ever made to it.
-        unsafe { self.ptr.as_ref() }
+        self.cell(0)
+    }
+
+    /// Cell `i` (the last one if `i` is past the end).
+    pub fn cell(&self, i: usize) -> &AtomicUsize {
+        let i = i.min(self.cells - 1);
+        // SAFETY: `ptr` points to a live, page-aligned mapping of `cells` `AtomicUsize`s
+        // (see `with_cells`) and `i < cells`; only shared references are ever made to them.
+        unsafe { &*self.ptr.as_ptr().add(i) }
+    }
+
+    /// Number of cells.
+    pub fn cells(&self) -> usize {
+        self.cells
+    }
+
+    /// The sum of every cell.
+    pub fn total(&self) -> usize {
+        (0..self.cells)
+            .map(|i| self.cell(i).load(std::sync::atomic::Ordering::SeqCst))
+            .fold(0usize, usize::wrapping_add)
     }
 }
 
 impl Drop for SharedCounter {
     fn drop(&mut self) {
-        // SAFETY: the mapping was made by `new` with this length and is not used after drop
-        // (every reference handed out borrows `self`).
-        let _ =
-            unsafe { nix::sys::mman::munmap(self.ptr.cast(), std::mem::size_of::<AtomicUsize>()) };
+        // SAFETY: the mapping was made by `with_cells` with this length and is not used
+        // after drop (every reference handed out borrows `self`).
+        let _ = unsafe {
+            nix::sys::mman::munmap(
+                self.ptr.cast(),
+                self.cells * std::mem::size_of::<AtomicUsize>(),
+            )
+        };
     }
+}
+
+/// Raise this process's soft limit on open descriptors to its hard limit (`serve` and
+/// `bench` both need it: 10,000 connections are 10,000 descriptors, and the usual soft
+/// limit is 1,024). Returns the limit now in force.
+///
+/// # Errors
+/// `getrlimit`/`setrlimit` errors.
+pub fn raise_fd_limit() -> io::Result<u64> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    }
+    Ok(hard.max(soft))
 }
 
 /// Types that own their descriptor, so it stays open and the same while they live: the
@@ -246,6 +323,22 @@ mod tests {
         let c = SharedCounter::new().unwrap();
         assert_eq!(c.get().fetch_add(2, Ordering::SeqCst), 0);
         assert_eq!(c.get().load(Ordering::SeqCst), 2);
+        let c = SharedCounter::with_cells(3).unwrap();
+        c.cell(0).fetch_add(1, Ordering::SeqCst);
+        c.cell(2).fetch_add(5, Ordering::SeqCst);
+        assert_eq!((c.cells(), c.total()), (3, 6));
+        assert_eq!(
+            c.cell(9).load(Ordering::SeqCst),
+            5,
+            "clamped to the last cell"
+        );
+    }
+
+    #[test]
+    fn the_soft_descriptor_limit_is_raised_to_the_hard_one() {
+        use nix::sys::resource::{getrlimit, Resource};
+        let limit = raise_fd_limit().unwrap();
+        assert_eq!(getrlimit(Resource::RLIMIT_NOFILE).unwrap(), (limit, limit));
     }
 
     #[test]

@@ -322,12 +322,12 @@ fn traversal_attempts_never_reach_outside_the_root() {
     let srv = http_server(&root, &["--follow-symlinks"]);
     assert!(raw(
         &srv.addr,
-        b"GET /files/link-out HTTP/1.1\r\nConnection: close\r\n\r\n"
+        b"GET /files/link-out HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     )
     .contains("TOP SECRET"));
     assert!(!raw(
         &srv.addr,
-        b"GET /%2e%2e/secret.txt HTTP/1.1\r\nConnection: close\r\n\r\n"
+        b"GET /%2e%2e/secret.txt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     )
     .contains("TOP SECRET"));
     assert!(srv.stop().0.success());
@@ -364,13 +364,13 @@ def raw(data, wait=None):
     return out
 
 # Pipelining: three requests in one send, answered in order.
-out = raw(b"GET /files/hello.txt HTTP/1.1\r\n\r\nHEAD /nope HTTP/1.1\r\n\r\nGET /files/hello.txt HTTP/1.1\r\nConnection: close\r\n\r\n")
+out = raw(b"GET /files/hello.txt HTTP/1.1\r\nHost: x\r\n\r\nHEAD /nope HTTP/1.1\r\nHost: x\r\n\r\nGET /files/hello.txt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
 assert out.count(b"HTTP/1.1 ") == 3, out
 assert out.index(b"200 OK") < out.index(b"404 Not Found") < out.rindex(b"200 OK"), out
 assert out.endswith(b"hello, world\n")
 # Malformed.
 assert raw(b"THIS IS NOT HTTP\r\n\r\n").startswith(b"HTTP/1.1 400")
-assert raw(b"GET /files/hello.txt HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n").startswith(b"HTTP/1.1 501")
+assert raw(b"GET /files/hello.txt HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n").startswith(b"HTTP/1.1 501")
 # Oversize request line and headers.
 assert raw(b"GET /" + b"a" * 10000 + b" HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 414")
 assert raw(b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(100)) + b"\r\n").startswith(b"HTTP/1.1 431")
@@ -406,7 +406,7 @@ fn every_model_and_strategy_serves_the_tree() {
             let answer = {
                 let mut s = TcpStream::connect(&srv.addr).unwrap();
                 s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-                s.write_all(b"GET /files/data.bin HTTP/1.1\r\n\r\nGET /files/hello.txt HTTP/1.1\r\nConnection: close\r\n\r\n")
+                s.write_all(b"GET /files/data.bin HTTP/1.1\r\nHost: x\r\n\r\nGET /files/hello.txt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
                     .unwrap();
                 let mut out = Vec::new();
                 s.read_to_end(&mut out).unwrap();
@@ -483,7 +483,7 @@ fn wget_downloads_a_sparse_gigabyte_under_each_strategy_while_others_are_served(
             let t = Instant::now();
             let a = raw(
                 &addr,
-                b"GET /small.txt HTTP/1.1\r\nConnection: close\r\n\r\n",
+                b"GET /small.txt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
             );
             assert!(a.ends_with("small\n"), "{send}: {a}");
             slowest = slowest.max(t.elapsed());
@@ -519,7 +519,7 @@ fn memory_stays_flat_while_serving_a_gigabyte() {
         let srv = http_server(&root, &["--send", send, "--model", model, "--workers", "2"]);
         let mut s = TcpStream::connect(&srv.addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        s.write_all(b"GET /big.img HTTP/1.1\r\nConnection: close\r\n\r\n")
+        s.write_all(b"GET /big.img HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             .unwrap();
         let mut buf = vec![0u8; 1 << 20];
         let mut got = 0u64;
@@ -607,4 +607,88 @@ fn headless_chromium_renders_a_page_with_an_image_and_a_listing() {
     let (_, log) = srv.stop();
     // The browser fetched the image (the access log at -v shows it).
     assert!(log.contains("/pic.png"), "{log}");
+}
+
+/// Issue 13, item 1: a file whose modification time is past year 9999 (which an HTTP date
+/// cannot express) is served by every model, twice, and the server goes on (building
+/// `Last-Modified` panicked: epoll and poll exited, reactors and pool lost a loop or a
+/// worker per request, the others dropped the connection).
+#[test]
+fn a_file_from_after_the_year_9999_is_served_by_every_model() {
+    // tmpfs keeps such a time; ext4 stops at 2446.
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    let future = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(253_436_860_800);
+    let f = std::fs::File::create(dir.path().join("f.txt")).unwrap();
+    std::io::Write::write_all(&mut &f, b"from the future\n").unwrap();
+    f.set_modified(future).unwrap();
+    assert_eq!(f.metadata().unwrap().modified().unwrap(), future);
+    std::fs::write(dir.path().join("now.txt"), b"now\n").unwrap();
+    for model in MODELS {
+        let srv = http_server(dir.path(), &["--model", model, "--workers", "1"]);
+        for _ in 0..2 {
+            let a = raw(
+                &srv.addr,
+                b"GET /f.txt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            );
+            assert!(
+                a.starts_with("HTTP/1.1 200") && a.ends_with("from the future\n"),
+                "{model}: {a:?}"
+            );
+        }
+        let a = raw(
+            &srv.addr,
+            b"GET /now.txt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        assert!(a.ends_with("now\n"), "{model}: {a:?}");
+        let (status, err) = srv.stop();
+        assert!(status.success(), "{model}: {status:?} {err}");
+    }
+}
+
+/// Items 6, 7 and 12 over the wire: smuggling attempts are refused and close the
+/// connection, `Host` is required, a stale `If-Range` gets the whole file, and a name that
+/// is not UTF-8 is reachable through the listing's link (curl follows it).
+#[test]
+fn framing_if_range_and_raw_byte_names_over_the_wire() {
+    use std::os::unix::ffi::OsStrExt;
+    let (_d, root) = site();
+    let name = std::ffi::OsStr::from_bytes(b"r\xe9sum\xe9.txt");
+    std::fs::write(root.join("files").join(name), b"latin-1\n").unwrap();
+    let srv = http_server(&root, &[]);
+    for smuggle in [
+        &b"GET /files/hello.txt HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: 40\r\n\r\nGET /files/data.bin HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+        b"GET /files/hello.txt HTTP/1.1\r\nHost: x\r\nContent-Length: +5\r\n\r\nGET /x HTTP/1.1\r\n\r\n",
+        b"GET /files/hello.txt HTTP/1.1\r\n\r\n",
+        b"GET /files/hello.txt HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+    ] {
+        let a = raw(&srv.addr, smuggle);
+        assert!(
+            a.starts_with("HTTP/1.1 400") && a.matches("HTTP/1.1 ").count() == 1,
+            "{a}"
+        );
+    }
+    let base = format!("http://{}", srv.addr);
+    let out = curl(&[
+        "-H",
+        "If-Range: \"stale\"",
+        "-r",
+        "0-4",
+        "-w",
+        "%{http_code}",
+        &format!("{base}/files/hello.txt"),
+    ]);
+    assert_eq!(
+        out.stdout, b"hello, world\n200",
+        "a stale If-Range: the whole file"
+    );
+    let out = curl(&[&format!("{base}/files/")]);
+    let listing = String::from_utf8_lossy(&out.stdout).into_owned();
+    let href = listing
+        .split("href=\"")
+        .filter_map(|s| s.split('"').next())
+        .find(|h| h.starts_with("r%E9sum"))
+        .unwrap_or_else(|| panic!("no link for the Latin-1 name: {listing}"));
+    let out = curl(&[&format!("{base}/files/{href}")]);
+    assert_eq!(out.stdout, b"latin-1\n", "{href}");
+    assert!(srv.stop().0.success());
 }

@@ -205,3 +205,329 @@ fn backlog_option_sets_the_listen_backlog() {
         assert!(srv.stop().0.success());
     }
 }
+
+/// A sparse file of `len` bytes in a fresh root, plus `small.txt` ("small\n").
+fn http_root(big: u64) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::File::create(dir.path().join("big.bin"))
+        .unwrap()
+        .set_len(big)
+        .unwrap();
+    std::fs::write(dir.path().join("small.txt"), b"small\n").unwrap();
+    dir
+}
+
+fn http(root: &std::path::Path, model: &str, extra: &[&str]) -> Server {
+    let mut args = vec!["--root", root.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    Server::tcp("http", model, &args)
+}
+
+/// One `GET` on a fresh connection; the body, or `None` if the connection failed.
+fn get_small(addr: &str) -> Option<Vec<u8>> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    s.write_all(b"GET /small.txt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut all = Vec::new();
+    std::io::Read::read_to_end(&mut s, &mut all).ok()?;
+    let at = all.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    Some(all[at..].to_vec())
+}
+
+/// Issue 13, items 2 and 3: a client pipelines thousands of requests for a large file or a
+/// directory listing and never reads. The server answers only up to its per-connection
+/// bound and stops reading that connection: its descriptors and memory stay bounded, and
+/// other clients are served meanwhile.
+#[test]
+fn pipelined_requests_from_a_client_that_never_reads_are_bounded() {
+    let dir = http_root(4 << 20);
+    std::fs::create_dir(dir.path().join("m")).unwrap();
+    for i in 0..300 {
+        std::fs::write(dir.path().join(format!("m/file-number-{i:04}.txt")), b"x").unwrap();
+    }
+    for model in MODELS {
+        let srv = http(dir.path(), model, &[]);
+        let pid = srv.pid();
+        std::thread::sleep(Duration::from_millis(200));
+        let fds_before: usize = process_tree(pid).iter().map(|&p| fd_count(p)).sum();
+        let mut floods = Vec::new();
+        for (target, count) in [("/big.bin", 2000), ("/m/", 3000)] {
+            let s = srv.connect();
+            let mut w = s.try_clone().unwrap();
+            let req = format!("GET {target} HTTP/1.1\r\nHost: x\r\n\r\n").repeat(count);
+            // The writer may block once the server stops reading: that is the point.
+            std::thread::spawn(move || {
+                let _ = w.write_all(req.as_bytes());
+            });
+            floods.push(s);
+            if model == "iterative" {
+                break; // one connection at a time: the second would only wait
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1500));
+        let tree = process_tree(pid);
+        let fds: usize = tree.iter().map(|&p| fd_count(p)).sum();
+        let rss = tree.iter().map(|&p| rss_kib(p)).max().unwrap_or(0);
+        assert!(
+            fds < fds_before + 40,
+            "{model}: {fds} descriptors open (was {fds_before} before the floods)"
+        );
+        assert!(rss < 48 * 1024, "{model}: {rss} KiB resident");
+        if model != "iterative" {
+            assert_eq!(
+                get_small(&srv.addr).as_deref(),
+                Some(&b"small\n"[..]),
+                "{model}: another client was not served"
+            );
+        }
+        drop(floods);
+        let (status, err) = srv.stop();
+        assert!(status.success(), "{model}: {err}");
+    }
+}
+
+/// Item 5: a client that asks for a large file and never reads is cut at the idle timeout
+/// in every model (tokio ignored it; thread and fork cut after several timeouts, since a
+/// send timeout restarts with every partial send).
+#[test]
+fn a_client_that_never_reads_is_cut_at_the_idle_timeout() {
+    let dir = http_root(1 << 30);
+    for model in MODELS {
+        let srv = http(dir.path(), model, &["--idle-timeout", "500ms"]);
+        let mut s = srv.connect();
+        s.write_all(b"GET /big.bin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        // Three timeouts: a send timeout restarted by partial sends would still wait.
+        std::thread::sleep(Duration::from_millis(1500));
+        // Cut: what was in flight arrives, then end-of-file, far short of the 1 GiB.
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut got = 0u64;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            match std::io::Read::read(&mut s, &mut buf) {
+                Ok(0) => break,
+                Ok(n) => got += n as u64,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                Err(e) => panic!("{model}: {e} after {got} bytes"),
+            }
+            assert!(
+                got < 256 << 20,
+                "{model}: still sending after the idle timeout"
+            );
+        }
+        let (status, err) = srv.stop();
+        assert!(status.success(), "{model}: {err}");
+    }
+}
+
+/// Item 9: SIGTERM during a slow download ends it within `--grace`, in every model (the
+/// iterative server went on sending).
+#[test]
+fn a_slow_download_is_cut_at_the_end_of_the_grace_period() {
+    let dir = http_root(1 << 30);
+    for model in MODELS {
+        let mut srv = http(dir.path(), model, &["--grace", "1s"]);
+        let s = srv.connect();
+        let mut w = s.try_clone().unwrap();
+        w.write_all(b"GET /big.bin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut r = s;
+            let mut buf = vec![0u8; 64 << 10];
+            let mut got = 0u64;
+            // A slow reader: 64 KiB every 20 ms, about 3 MB/s.
+            while let Ok(n) = std::io::Read::read(&mut r, &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                got += n as u64;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            got
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        srv.term();
+        let t = Instant::now();
+        let status = wait_timeout(&mut srv.child, Duration::from_secs(8));
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "{model}: {status:?} {:?} after SIGTERM with --grace 1s",
+            t.elapsed()
+        );
+        let got = reader.join().unwrap();
+        assert!(got < 1 << 30, "{model}: the whole file was sent");
+    }
+}
+
+/// Item 10: `--send read` kept a 256 KiB block for ever per connection that had sent a
+/// file: 1,000 keep-alive connections that each fetched a 6-byte file cost 256 MiB. (And
+/// tokio's tasks kept a 64 KiB read buffer each, resident: 57 MiB per 1,000.)
+#[test]
+fn keepalive_connections_that_fetched_a_file_stay_cheap() {
+    raise_own_fd_limit();
+    let dir = http_root(0);
+    for model in ["epoll", "thread", "tokio"] {
+        let srv = http(dir.path(), model, &["--send", "read"]);
+        let mut conns = Vec::new();
+        let mut first = srv.connect();
+        let fetch = |s: &mut TcpStream| {
+            s.write_all(b"GET /small.txt HTTP/1.1\r\nHost: x\r\n\r\n")
+                .unwrap();
+            let mut got = Vec::new();
+            let mut b = [0u8; 512];
+            while !got.ends_with(b"small\n") {
+                let n = std::io::Read::read(s, &mut b).unwrap();
+                assert!(n > 0, "{model}: closed");
+                got.extend_from_slice(&b[..n]);
+            }
+        };
+        fetch(&mut first);
+        std::thread::sleep(Duration::from_millis(200));
+        let base = rss_kib(srv.pid());
+        for _ in 0..1000 {
+            let mut s = srv.connect();
+            fetch(&mut s);
+            conns.push(s);
+        }
+        let grown = rss_kib(srv.pid()).saturating_sub(base);
+        assert!(
+            grown < 32 * 1024,
+            "{model}: {grown} KiB more for 1,000 idle keep-alive connections"
+        );
+        drop(conns);
+        assert!(srv.stop().0.success());
+    }
+}
+
+/// Item 11: started with a soft descriptor limit of 256 (and a higher hard one), the server
+/// raises it and serves 600 connections at once.
+#[test]
+fn serve_raises_its_soft_descriptor_limit() {
+    raise_own_fd_limit();
+    for model in ["epoll", "thread"] {
+        let srv = start_with_shell(
+            "ulimit -Sn 256",
+            &["reverse", "--model", model, "--listen", "127.0.0.1:0"],
+        );
+        let mut conns = Vec::new();
+        for i in 0..600u32 {
+            let mut s = srv.connect();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let data = i.to_be_bytes();
+            assert_eq!(
+                reverse(&mut s, &data),
+                reversed(&data),
+                "{model}: connection {i}"
+            );
+            conns.push(s);
+        }
+        drop(conns);
+        assert!(srv.stop().0.success());
+    }
+}
+
+/// Item 8: prefork under `--max-conns 2` with both slots held by busy workers that are
+/// then killed: the parent releases their slots when it reaps them, new clients are served.
+#[test]
+fn prefork_releases_the_slots_of_killed_workers() {
+    let srv = Server::tcp(
+        "reverse",
+        "prefork",
+        &["--workers", "3", "--max-conns", "2"],
+    );
+    let mut busy = Vec::new();
+    for _ in 0..2 {
+        let mut s = srv.connect();
+        // Half a request: the worker is busy with it.
+        s.write_all(&[0, 0, 0, 10, b'a', b'b']).unwrap();
+        busy.push(s);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    for (worker, _) in children_of(srv.pid()) {
+        signal(worker, libc::SIGKILL);
+    }
+    let served = eventually(Duration::from_secs(5), || {
+        let Ok(mut s) = TcpStream::connect(&srv.addr) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        s.write_all(&[0, 0, 0, 2, b'o', b'k']).is_ok() && {
+            let mut got = [0u8; 2];
+            std::io::Read::read_exact(&mut s, &mut got).is_ok() && &got == b"ko"
+        }
+    });
+    assert!(
+        served,
+        "new clients refused after the busy workers were killed"
+    );
+    drop(busy);
+    let (status, err) = srv.stop();
+    assert!(status.success(), "{err}");
+    assert!(err.contains("released the connection slots"), "{err}");
+}
+
+/// Item 12: SIGUSR1 and SIGUSR2 are logged and ignored (they killed the server); SIGHUP
+/// drains and stops like SIGTERM, an in-flight request answered first.
+#[test]
+fn sighup_drains_and_stops_usr_signals_are_ignored() {
+    for model in MODELS {
+        let mut srv = Server::tcp("reverse", model, &[]);
+        let mut s = srv.connect();
+        assert_eq!(reverse(&mut s, b"one"), b"eno", "{model}");
+        signal(srv.pid(), libc::SIGUSR1);
+        signal(srv.pid(), libc::SIGUSR2);
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(reverse(&mut s, b"two"), b"owt", "{model}: after SIGUSR1/2");
+        // A request in flight when SIGHUP arrives is answered, then the server exits 0.
+        s.write_all(&[0, 0, 0, 5, b'h', b'e']).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        signal(srv.pid(), libc::SIGHUP);
+        std::thread::sleep(Duration::from_millis(200));
+        s.write_all(b"llo").unwrap();
+        let mut got = [0u8; 5];
+        std::io::Read::read_exact(&mut s, &mut got).unwrap();
+        assert_eq!(&got, b"olleh", "{model}: in-flight answer");
+        drop(s);
+        let status = wait_timeout(&mut srv.child, Duration::from_secs(10));
+        assert!(status.is_some_and(|s| s.success()), "{model}: {status:?}");
+        let (_, err) = srv.stop_waited();
+        assert!(
+            err.contains("SIGUSR1") && err.contains("SIGUSR2"),
+            "{model}: {err}"
+        );
+    }
+}
+
+/// Item 12: with `--max-conns 1`, strictly sequential clients (each closes before the next
+/// connects) are all served: the server waits a moment for the slot of a connection whose
+/// close it has not yet seen before refusing a new one.
+#[test]
+fn max_conns_1_serves_sequential_clients() {
+    let mut failures = Vec::new();
+    for model in MODELS {
+        let srv = Server::tcp("reverse", model, &["--max-conns", "1"]);
+        let mut refused = 0;
+        for i in 0..100u32 {
+            let mut s = srv.connect();
+            let data = i.to_be_bytes();
+            let mut msg = 4u32.to_be_bytes().to_vec();
+            msg.extend_from_slice(&data);
+            let ok = s.write_all(&msg).is_ok() && {
+                let mut got = [0u8; 4];
+                std::io::Read::read_exact(&mut s, &mut got).is_ok()
+                    && got[..] == reversed(&data)[..]
+            };
+            refused += usize::from(!ok);
+        }
+        let (status, err) = srv.stop();
+        assert!(status.success(), "{model}: {err}");
+        if refused > 0 {
+            failures.push(format!("{model}: {refused} of 100 refused"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "sequential clients refused: {failures:?}"
+    );
+}

@@ -105,7 +105,7 @@ pub fn run_loop(
                     if !signals::stop_requested() {
                         // Some other signal's byte: empty the pipe or it would be reported
                         // again and again (level-triggered).
-                        drain_pipe(wake);
+                        signals::drain_fd(wake);
                         continue;
                     }
                     // Stop: no more accepts. The pipe stays unread so every loop sees it;
@@ -142,7 +142,11 @@ pub fn run_loop(
                 }
             }
         }
-        if book.expire(now).resume_accept && !book.stopping {
+        let resume = book.expire(now).resume_accept;
+        for (sock, slot) in book.unpark(ctx, now) {
+            register(&epoll, ctx, &mut book, sock, slot, &mut buf, edge, now);
+        }
+        if resume && !book.stopping {
             epoll.add(listener, listen_event)?;
             accepting = true;
             if !accept_ready(&epoll, listener, ctx, &mut book, &mut buf, edge, now)? {
@@ -211,25 +215,43 @@ fn accept_ready<'a>(
                 AcceptAction::Fatal => return Err(e),
             },
         };
-        let Some(slot) = ctx.admit(&peer) else {
-            continue;
-        };
-        let conn = Conn::new(sock, slot, ctx, now);
-        let flags = conn_flags(edge, conn.registered);
-        let t = book.add(conn, now);
-        let conn = book.conns.get_mut(t).expect("just added");
-        if let Err(e) = epoll.add(conn.sock.as_fd(), EpollEvent::new(flags, t as u64)) {
-            book.close(t, crate::model::End::Io(e.into()));
-            continue;
+        match ctx.try_admit(&peer) {
+            Some(slot) => register(epoll, ctx, book, sock, slot, buf, edge, now),
+            None => book.park(ctx, sock, peer, now),
         }
-        // Input (or daytime's output) may already be there: serve it without a round trip.
-        drive(epoll, book, t, buf, edge, now);
     }
     Ok(true)
 }
 
-/// Read and drop whatever is in the (non-blocking) signal pipe.
-fn drain_pipe(fd: BorrowedFd<'_>) {
-    let mut b = [0u8; 64];
-    while matches!(nix::unistd::read(fd, &mut b), Ok(n) if n == b.len()) {}
+/// Open the session of an admitted connection, register it, and serve what already
+/// arrived.
+#[allow(clippy::too_many_arguments)]
+fn register<'a>(
+    epoll: &Epoll,
+    ctx: &'a Ctx,
+    book: &mut Book<'a>,
+    sock: Socket,
+    slot: crate::model::Slot<'a>,
+    buf: &mut [u8],
+    edge: bool,
+    now: Instant,
+) {
+    let conn = match Conn::new(sock, slot, ctx, now) {
+        Ok(c) => c,
+        Err((end, slot)) => {
+            end.log(&slot.peer);
+            return;
+        }
+    };
+    let flags = conn_flags(edge, conn.registered);
+    let t = book.add(conn, now);
+    let Some(conn) = book.conns.get_mut(t) else {
+        return;
+    };
+    if let Err(e) = epoll.add(conn.sock.as_fd(), EpollEvent::new(flags, t as u64)) {
+        book.close(t, crate::model::End::Io(e.into()));
+        return;
+    }
+    // Input (or daytime's output) may already be there: serve it without a round trip.
+    drive(epoll, book, t, buf, edge, now);
 }

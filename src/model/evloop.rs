@@ -5,12 +5,13 @@
 //! The loops differ only in how they learn readiness (`poll` rebuilds an array each round,
 //! `epoll` keeps an interest list in the kernel) and in edge vs level triggering.
 
-use crate::model::{Ctx, End, Slot};
+use crate::model::{contain, Ctx, End, Slot, ADMIT_WAIT};
 use crate::output::{Flush, Outbox};
 use crate::service::Session;
 use crate::signals;
 use crate::timer::Timers;
-use socket2::Socket;
+use socket2::{SockAddr, Socket};
+use std::collections::VecDeque;
 use std::io;
 use std::time::{Duration, Instant};
 
@@ -39,7 +40,8 @@ pub struct Conn<'a> {
     /// The kernel reported the peer's FIN or an error with the last readiness: read on until
     /// end-of-file even after a short read.
     hangup: bool,
-    /// When the connection last moved bytes (for the idle timeout).
+    /// When the connection last moved bytes: input read, or output accepted by the peer
+    /// (for the idle timeout: a peer that reads nothing while answers wait is idle).
     pub last_active: Instant,
     /// The deadline this connection has queued in the timers, if any.
     pub deadline: Option<Instant>,
@@ -58,10 +60,22 @@ pub enum Step {
 
 impl<'a> Conn<'a> {
     /// A new connection: the session opens (daytime queues its line here).
-    pub fn new(sock: Socket, slot: Slot<'a>, ctx: &Ctx, now: Instant) -> Conn<'a> {
+    ///
+    /// # Errors
+    /// [`End::Panic`] if opening the session panicked (the connection is then dropped,
+    /// closing it and releasing its slot).
+    pub fn new(
+        sock: Socket,
+        slot: Slot<'a>,
+        ctx: &Ctx,
+        now: Instant,
+    ) -> Result<Conn<'a>, (End, Slot<'a>)> {
         let mut out = ctx.service.outbox();
-        let session = ctx.service.open(&mut out);
-        Conn {
+        let session = match contain(|| ctx.service.open(&mut out)) {
+            Ok(s) => s,
+            Err(end) => return Err((end, slot)),
+        };
+        Ok(Conn {
             sock,
             slot,
             session,
@@ -75,7 +89,7 @@ impl<'a> Conn<'a> {
                 read: true,
                 write: false,
             },
-        }
+        })
     }
 
     /// The peer's address, for logs.
@@ -99,24 +113,42 @@ impl<'a> Conn<'a> {
     /// Move bytes: send queued output, read what arrived and feed the session, until the
     /// socket would block or the connection is finished. `edge` reads until `EAGAIN` (edge
     /// triggering reports readiness once); otherwise one read per readiness report, so a
-    /// busy connection cannot starve the others.
+    /// busy connection cannot starve the others. A panic in the session is contained here
+    /// ([`contain`]): that connection is closed, the loop goes on.
     pub fn drive(&mut self, buf: &mut [u8], edge: bool, now: Instant) -> Step {
+        contain(|| self.drive_inner(buf, edge, now)).unwrap_or_else(Step::Close)
+    }
+
+    fn drive_inner(&mut self, buf: &mut [u8], edge: bool, now: Instant) -> Step {
         let mut reads = 0;
         loop {
+            let before = self.out.pending();
             match self.out.flush(&self.sock) {
-                Ok(Flush::Done) => {}
+                Ok(Flush::Done) => {
+                    if before > 0 {
+                        self.last_active = now;
+                    }
+                }
                 Ok(Flush::Blocked) => {
                     // The peer is not reading: read nothing more from it until it does (the
                     // server's memory stays bounded), and ask only for writability -- a
                     // level-triggered loop still asking for input would be woken again and
-                    // again for input it will not read, and spin.
-                    self.last_active = now;
+                    // again for input it will not read, and spin. Only bytes the peer took
+                    // count as activity: one that takes none is cut at the idle timeout.
+                    if self.out.pending() < before {
+                        self.last_active = now;
+                    }
                     return Step::Keep(Interest {
                         read: false,
                         write: true,
                     });
                 }
                 Err(e) => return Step::Close(End::Io(e)),
+            }
+            if self.session.has_backlog() {
+                // Requests waited for the output to drain (it just did): the next batch.
+                self.session.resume(&mut self.out);
+                continue;
             }
             if self.eof || self.session.done() {
                 return Step::Close(End::Closed);
@@ -242,7 +274,16 @@ pub enum TimerKey {
     ResumeAccept,
     /// The grace period after a stop request is over.
     Grace,
+    /// Connections waiting for a slot are looked at again.
+    Admit,
 }
+
+/// At most this many connections over `--max-conns` wait for a slot in one loop; more are
+/// closed at once.
+pub const MAX_PARKED: usize = 64;
+
+/// How often a loop looks again at connections waiting for a slot.
+const ADMIT_RETRY: Duration = Duration::from_millis(2);
 
 /// The idle-timeout and shutdown bookkeeping every event loop does the same way.
 #[derive(Debug)]
@@ -256,6 +297,11 @@ pub struct Book<'a> {
     pub stopping: bool,
     /// The grace period is over: close everything.
     pub grace_over: bool,
+    /// Connections accepted over `--max-conns`, waiting (until the deadline) for a slot:
+    /// the count lags a client's close by a loop's turn or another loop's.
+    parked: VecDeque<(Socket, SockAddr, Instant)>,
+    /// When the queued [`TimerKey::Admit`] deadline is.
+    admit_timer: Option<Instant>,
 }
 
 impl<'a> Book<'a> {
@@ -267,7 +313,45 @@ impl<'a> Book<'a> {
             idle: Some(ctx.opts.idle_timeout).filter(|d| !d.is_zero()),
             stopping: false,
             grace_over: false,
+            parked: VecDeque::new(),
+            admit_timer: None,
         }
+    }
+
+    /// A connection over `--max-conns`: let it wait up to [`ADMIT_WAIT`] for a slot (see
+    /// [`Book::unpark`]), or close it at once if [`MAX_PARKED`] already wait.
+    pub fn park(&mut self, ctx: &Ctx, sock: Socket, peer: SockAddr, now: Instant) {
+        if self.parked.len() >= MAX_PARKED || self.stopping {
+            ctx.refuse(&peer);
+            return;
+        }
+        self.parked.push_back((sock, peer, now + ADMIT_WAIT));
+        self.arm_admit(now);
+    }
+
+    fn arm_admit(&mut self, now: Instant) {
+        if self.admit_timer.is_none() {
+            let at = now + ADMIT_RETRY;
+            self.timers.insert(at, TimerKey::Admit);
+            self.admit_timer = Some(at);
+        }
+    }
+
+    /// Admit the waiting connections that now find a slot (returned, for the loop to
+    /// register), close those whose wait is over, and look again soon at the rest.
+    pub fn unpark(&mut self, ctx: &'a Ctx, now: Instant) -> Vec<(Socket, Slot<'a>)> {
+        let mut admitted = Vec::new();
+        for (sock, peer, deadline) in std::mem::take(&mut self.parked) {
+            match ctx.try_admit(&peer) {
+                Some(slot) => admitted.push((sock, slot)),
+                None if deadline <= now || self.stopping => ctx.refuse(&peer),
+                None => self.parked.push_back((sock, peer, deadline)),
+            }
+        }
+        if !self.parked.is_empty() {
+            self.arm_admit(now);
+        }
+        admitted
     }
 
     /// Add a connection and queue its idle deadline; returns its token.
@@ -324,6 +408,7 @@ impl<'a> Book<'a> {
             match key {
                 TimerKey::ResumeAccept => resume_accept = true,
                 TimerKey::Grace => self.grace_over = true,
+                TimerKey::Admit => self.admit_timer = None,
                 TimerKey::Conn(t) => {
                     let Some(conn) = self.conns.get_mut(t) else {
                         continue;
@@ -331,9 +416,13 @@ impl<'a> Book<'a> {
                     conn.deadline = None; // popped: nothing left to remove
                     if conn.session.deadline().is_some_and(|d| d <= now) {
                         // The session's own deadline (HTTP: 408), sent if the socket takes it.
-                        conn.session.on_deadline(&mut conn.out);
-                        let _ = conn.out.flush(&conn.sock);
-                        closed.push((t, End::Deadline));
+                        let end = contain(|| {
+                            conn.session.on_deadline(&mut conn.out);
+                            let _ = conn.out.flush(&conn.sock);
+                        })
+                        .err()
+                        .unwrap_or(End::Deadline);
+                        closed.push((t, end));
                         continue;
                     }
                     let idle_due = self.idle.map(|i| conn.last_active + i);
@@ -419,7 +508,8 @@ mod tests {
         let (a, b) = Socket::pair(Domain::UNIX, Type::STREAM, None).unwrap();
         a.set_nonblocking(true).unwrap();
         let peer = SockAddr::unix("/peer").unwrap();
-        (Conn::new(a, ctx.admit(&peer).unwrap(), ctx, now), b)
+        let conn = Conn::new(a, ctx.admit(&peer).unwrap(), ctx, now).unwrap_or_else(|_| panic!());
+        (conn, b)
     }
 
     #[test]

@@ -43,7 +43,9 @@ pub fn run(listener: Listener, ctx: &Ctx, signals: &mut Signals) -> io::Result<(
             Ok(Accepted::Stop) => break Ok(()),
             Ok(Accepted::Signal) => {}
             Ok(Accepted::Conn(sock, peer)) => {
-                if let Some(slot) = ctx.admit(&peer) {
+                if let Some(slot) = ctx.admit_waiting(None, &peer, || {
+                    children.reap(Some(ctx));
+                }) {
                     let parent = nix::unistd::getpid();
                     match sys::fork() {
                         Ok(Fork::Child) => child(listener, sock, slot, ctx, signals, parent),
@@ -82,7 +84,7 @@ fn child(
     if let Err(e) = signals.reinit_in_child() {
         tracing::warn!("child: cannot set up signals: {e}");
     }
-    serve_blocking(&sock, ctx, &AtomicBool::new(false)).log(&slot.peer);
+    serve_blocking(&sock, ctx, &AtomicBool::new(false), Some(signals.fd())).log(&slot.peer);
     drop(sock);
     slot.hand_over(); // the parent releases the count when it reaps us
     std::process::exit(0)

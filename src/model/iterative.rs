@@ -23,8 +23,8 @@ use std::sync::atomic::AtomicBool;
 pub fn run(listener: &Listener, ctx: &Ctx, signals: &Signals) -> io::Result<()> {
     let busy = AtomicBool::new(false);
     for_each_connection(listener, ctx, signals, |sock, slot| {
-        // A stop signal interrupts the blocking recv (EINTR); the driver then finishes the
-        // request in flight, if any, and returns.
-        serve_blocking(&sock, ctx, &busy).log(&slot.peer);
+        // A stop signal wakes the driver (it watches the signal pipe); it then finishes the
+        // request in flight, if any, within the grace period, and returns.
+        serve_blocking(&sock, ctx, &busy, Some(signals.fd())).log(&slot.peer);
     })
 }

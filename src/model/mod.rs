@@ -14,8 +14,11 @@
 //!
 //! Shared here: the [`Ctx`] every model receives (service, options, connection limit),
 //! accepting with error handling ([`accept_action`]), the blocking connection driver
-//! ([`serve_blocking`]) used by the blocking designs, and the [`Tracker`] thread designs use to
-//! close idle connections on shutdown. The event loops share [`evloop`].
+//! ([`serve_blocking`]) used by the blocking designs, the [`Tracker`] thread designs use to
+//! close idle connections on shutdown, and [`contain`], the panic boundary every model puts
+//! around one connection's handling: a panic there (a bug) is logged and closes that
+//! connection; the loop, worker, process or server goes on. The event loops share
+//! [`evloop`].
 
 pub mod epoll;
 pub mod evloop;
@@ -36,7 +39,7 @@ use crate::sys::SharedCounter;
 use socket2::{SockAddr, Socket};
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -144,8 +147,66 @@ impl Default for ServeOptions {
     }
 }
 
-/// Size of the buffer a connection reads into.
+/// Size of the buffer a connection reads into (an event loop's one buffer; the most a
+/// connection's own buffer grows to, see [`ReadBuf`]).
 pub const READ_BUF: usize = 64 * 1024;
+
+/// Size of a connection's own read buffer while its reads are small.
+pub const SMALL_READ: usize = 4 * 1024;
+
+/// The read buffer of a connection that has one of its own (the blocking designs, tokio's
+/// tasks): [`SMALL_READ`] bytes while reads are small, four times larger each time a read
+/// fills it (up to [`READ_BUF`]), small again when the connection is idle. A `vec!` of
+/// 64 KiB from the heap is zeroed, hence resident, at once: 2,000 idle tokio connections
+/// cost 115 MiB with a fixed 64 KiB buffer each.
+#[derive(Debug)]
+pub struct ReadBuf {
+    buf: Vec<u8>,
+}
+
+impl Default for ReadBuf {
+    fn default() -> Self {
+        ReadBuf {
+            buf: vec![0; SMALL_READ],
+        }
+    }
+}
+
+impl ReadBuf {
+    /// The buffer to read into.
+    pub fn space(&mut self) -> &mut [u8] {
+        &mut self.buf
+    }
+
+    /// The first `n` bytes, just read.
+    pub fn data(&self, n: usize) -> &[u8] {
+        &self.buf[..n.min(self.buf.len())]
+    }
+
+    /// A read returned `n` bytes, now consumed: if it filled the buffer, more is coming in
+    /// large pieces, grow (the bytes read are gone then). Returns whether the read filled
+    /// the buffer.
+    pub fn filled(&mut self, n: usize) -> bool {
+        let full = n == self.buf.len();
+        if full && self.buf.len() < READ_BUF {
+            self.buf = vec![0; (self.buf.len() * 4).min(READ_BUF)];
+        }
+        full
+    }
+
+    /// The connection waits for a new request: give a large buffer back.
+    pub fn idle(&mut self) {
+        if self.buf.len() > SMALL_READ {
+            self.buf = vec![0; SMALL_READ];
+        }
+    }
+}
+
+/// How long a connection over `--max-conns` waits for a slot before it is closed. The count
+/// lags a client's close by the time the server takes to see it (a loop's turn, another
+/// thread, a child's exit and reaping): without this wait, strictly sequential clients
+/// under `--max-conns 1` were refused most of the time.
+pub const ADMIT_WAIT: Duration = Duration::from_millis(50);
 
 /// What every model is given: the service, the options, and the live-connection count
 /// (in shared memory, so forked processes count together).
@@ -155,6 +216,8 @@ pub struct Ctx {
     pub service: ServiceConfig,
     /// The model options.
     pub opts: ServeOptions,
+    /// Open connections: cell 0 for every model, plus one cell per preforked worker, so
+    /// that the parent can take back the count of a worker that was killed.
     active: SharedCounter,
 }
 
@@ -164,26 +227,72 @@ impl Ctx {
     /// # Errors
     /// When the shared counter cannot be mapped.
     pub fn new(service: ServiceConfig, opts: ServeOptions) -> io::Result<Ctx> {
+        let cells = 1 + opts.workers.max(1);
         Ok(Ctx {
             service,
             opts,
-            active: SharedCounter::new()?,
+            active: SharedCounter::with_cells(cells)?,
         })
     }
 
     /// Connections open now, in all processes of this server.
     pub fn active(&self) -> usize {
-        self.active.get().load(Ordering::SeqCst)
+        self.active.total()
     }
 
     /// Take a slot for a new connection from `peer`, or `None` (and the connection closed
-    /// by the caller dropping it) when `--max-conns` are already open.
+    /// by the caller dropping it, a warning logged) when `--max-conns` are already open.
     pub fn admit(&self, peer: &SockAddr) -> Option<Slot<'_>> {
-        let n = self.active.get().fetch_add(1, Ordering::SeqCst) + 1;
+        let slot = self.try_admit(peer);
+        if slot.is_none() {
+            self.refuse(peer);
+        }
+        slot
+    }
+
+    /// [`Ctx::admit`] without the warning: the caller may try again ([`ADMIT_WAIT`]).
+    pub fn try_admit(&self, peer: &SockAddr) -> Option<Slot<'_>> {
+        self.admit_in(0, peer)
+    }
+
+    /// Log that a connection from `peer` is closed for `--max-conns`.
+    pub fn refuse(&self, peer: &SockAddr) {
+        tracing::warn!(peer = %display_addr(peer), max = self.opts.max_conns, "connection limit reached: closing new connection");
+    }
+
+    /// Admission for an accept loop that has nothing else to do meanwhile (iterative,
+    /// thread, pool, fork, a preforked worker): over the limit, try again every
+    /// millisecond for up to [`ADMIT_WAIT`], calling `meanwhile` in between (the fork parent
+    /// reaps its children there), then refuse. `worker` counts the slot in a preforked
+    /// worker's own cell ([`Ctx::release_worker`]).
+    pub fn admit_waiting(
+        &self,
+        worker: Option<usize>,
+        peer: &SockAddr,
+        mut meanwhile: impl FnMut(),
+    ) -> Option<Slot<'_>> {
+        let cell = worker.map_or(0, |w| 1 + w);
+        let deadline = Instant::now() + ADMIT_WAIT;
+        loop {
+            if let Some(slot) = self.admit_in(cell, peer) {
+                return Some(slot);
+            }
+            if Instant::now() >= deadline || signals::stop_requested() {
+                self.refuse(peer);
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+            meanwhile();
+        }
+    }
+
+    fn admit_in(&self, cell: usize, peer: &SockAddr) -> Option<Slot<'_>> {
+        self.active.cell(cell).fetch_add(1, Ordering::SeqCst);
         if let Some(max) = self.opts.max_conns {
-            if n > max {
-                self.active.get().fetch_sub(1, Ordering::SeqCst);
-                tracing::warn!(peer = %display_addr(peer), max, "connection limit reached: closing new connection");
+            // Every admission counts itself before looking at the total: two at once may
+            // both be refused at the limit, never both admitted over it.
+            if self.active.total() > max {
+                self.active.cell(cell).fetch_sub(1, Ordering::SeqCst);
                 return None;
             }
         }
@@ -191,10 +300,25 @@ impl Ctx {
         tracing::debug!(%peer, "connection open");
         Some(Slot {
             ctx: self,
+            cell,
             peer,
             opened: Instant::now(),
             held: true,
         })
+    }
+
+    /// A preforked worker died (reaped by the parent): release the slots it held. Killed
+    /// while serving, it could not release them itself, and `--max-conns` would otherwise
+    /// refuse clients for good.
+    pub fn release_worker(&self, worker: usize) {
+        let held = self.active.cell(1 + worker).swap(0, Ordering::SeqCst);
+        if held > 0 {
+            tracing::warn!(
+                worker,
+                held,
+                "released the connection slots of a dead worker"
+            );
+        }
     }
 }
 
@@ -202,6 +326,7 @@ impl Ctx {
 #[derive(Debug)]
 pub struct Slot<'a> {
     ctx: &'a Ctx,
+    cell: usize,
     /// The peer's address, for logs.
     pub peer: String,
     opened: Instant,
@@ -219,7 +344,10 @@ impl Slot<'_> {
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
         if self.held {
-            self.ctx.active.get().fetch_sub(1, Ordering::SeqCst);
+            self.ctx
+                .active
+                .cell(self.cell)
+                .fetch_sub(1, Ordering::SeqCst);
             tracing::debug!(peer = %self.peer, secs = self.opened.elapsed().as_secs_f64(), "connection closed");
         }
     }
@@ -228,7 +356,7 @@ impl Drop for Slot<'_> {
 impl Ctx {
     /// Release a slot handed over with [`Slot::hand_over`] (a reaped fork child).
     pub fn release_handed_over(&self) {
-        self.active.get().fetch_sub(1, Ordering::SeqCst);
+        self.active.cell(0).fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -410,7 +538,7 @@ pub fn for_each_connection<'a>(
             }
             Accepted::Signal => {}
             Accepted::Conn(sock, peer) => {
-                if let Some(slot) = ctx.admit(&peer) {
+                if let Some(slot) = ctx.admit_waiting(None, &peer, || {}) {
                     handle(sock, slot);
                 }
             }
@@ -514,21 +642,26 @@ impl Tracker {
 pub enum End {
     /// The peer closed between requests (or the session was done).
     Closed,
-    /// Idle longer than `--idle-timeout`.
+    /// Idle longer than `--idle-timeout`: no input while waiting for a request, or no byte
+    /// of output accepted by the peer while answers waited.
     IdleTimeout,
     /// The session's own deadline passed (an HTTP request head too slow: 408 sent).
     Deadline,
-    /// The server is stopping and the connection was idle.
+    /// The server is stopping and the connection was idle, or the grace period is over.
     Shutdown,
     /// The peer sent something the protocol refuses.
     Protocol(ProtocolError),
     /// A send or receive failed (reset, broken pipe...).
     Io(io::Error),
+    /// The connection's handling panicked (a bug in socklab): caught at the connection
+    /// boundary by [`contain`].
+    Panic(String),
 }
 
 impl End {
     /// Log the end of a connection at the right level: protocol errors are warnings (a
-    /// client misbehaved), the rest is connection-level detail.
+    /// client misbehaved), a panic is an error (socklab misbehaved), the rest is
+    /// connection-level detail.
     pub fn log(&self, peer: &str) {
         match self {
             End::Closed => {}
@@ -537,66 +670,217 @@ impl End {
             End::Shutdown => tracing::debug!(%peer, "closed for shutdown"),
             End::Protocol(e) => tracing::warn!(%peer, "protocol error: {e}; closing connection"),
             End::Io(e) => tracing::debug!(%peer, "connection error: {e}"),
+            End::Panic(m) => tracing::error!(
+                %peer,
+                "connection handler panicked: {m}; closing that connection, serving the others"
+            ),
         }
     }
 }
 
-/// Serve one connection on a blocking socket until it ends: the loop of the course's
-/// `srv_rev_sec`, generalised to any session. Used by iterative, fork, prefork, thread and
-/// pool.
+/// Run one step of a connection's handling (opening its session, feeding it, flushing,
+/// its deadline) and turn a panic into [`End::Panic`]: the boundary that keeps a bug
+/// reached by one connection from taking down a loop, a worker thread or the server. The
+/// caller closes that connection; its state is dropped, never used again, which is why
+/// asserting unwind safety here is sound.
+///
+/// # Errors
+/// [`End::Panic`] with the panic's message.
+pub fn contain<T>(step: impl FnOnce() -> T) -> Result<T, End> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(step)).map_err(|payload| {
+        let msg = if let Some(s) = payload.downcast_ref::<&str>() {
+            (*s).to_string()
+        } else if let Some(s) = payload.downcast_ref::<String>() {
+            s.clone()
+        } else {
+            "a panic without a message".to_string()
+        };
+        End::Panic(msg)
+    })
+}
+
+/// The earlier of two optional deadlines.
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// What [`wait_for`] saw.
+enum Waited {
+    /// The socket is ready (or in error: the next call reports it).
+    Ready,
+    /// A signal arrived (`EINTR`, or a byte on the wake-up pipe, drained).
+    Signal,
+    /// The deadline passed.
+    Timeout,
+}
+
+/// Wait until `sock` has `events` (`POLLIN`/`POLLOUT`), a signal arrives (on `wake`, the
+/// signal pipe, when the process serves one connection at a time), or `deadline` passes.
+fn wait_for(
+    sock: &Socket,
+    events: i16,
+    wake: Option<BorrowedFd<'_>>,
+    deadline: Option<Instant>,
+) -> io::Result<Waited> {
+    let timeout = match deadline {
+        Some(d) => match d.checked_duration_since(Instant::now()) {
+            Some(left) if !left.is_zero() => Some(left),
+            _ => return Ok(Waited::Timeout),
+        },
+        None => None,
+    };
+    let mut fds = [
+        libc::pollfd {
+            fd: sock.as_raw_fd(),
+            events,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: wake.map_or(-1, |w| w.as_raw_fd()),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    match crate::sys::poll(&mut fds, timeout) {
+        Ok(0) => Ok(Waited::Timeout),
+        Ok(_) if fds[1].revents != 0 => {
+            if let Some(w) = wake {
+                signals::drain_fd(w);
+            }
+            Ok(Waited::Signal)
+        }
+        Ok(_) => Ok(Waited::Ready),
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(Waited::Signal),
+        Err(e) => Err(e),
+    }
+}
+
+/// Serve one connection until it ends: the loop of the course's `srv_rev_sec`, generalised
+/// to any session. Used by iterative, fork, prefork, thread and pool, inside the panic
+/// boundary ([`contain`]).
+///
+/// The thread blocks, as the course's blocking servers do, but in `poll(2)` rather than in
+/// `recv`/`send`, so that every wait has a real deadline: the idle timeout while waiting for
+/// a request, the session's own deadline (HTTP's request head), the idle timeout again while
+/// the peer accepts no byte of output (a `SO_SNDTIMEO` restarts with every partial send, so
+/// a peer trickling window updates was cut only after several timeouts), and the grace
+/// period once the server is stopping. `wake`, the signal pipe, is watched too where the
+/// process serves one connection at a time (iterative, fork, prefork): a stop request then
+/// never waits for the next timeout; thread designs wake their connections through the
+/// [`Tracker`] instead.
 ///
 /// `busy` is kept equal to "a request is in flight", for a [`Tracker`]. On a stop request the
-/// connection is closed as soon as it is idle; a request already in flight is finished.
-pub fn serve_blocking(sock: &Socket, ctx: &Ctx, busy: &AtomicBool) -> End {
-    let idle = Some(ctx.opts.idle_timeout).filter(|d| !d.is_zero());
-    if let Err(e) = sock
-        .set_nonblocking(false)
-        .and_then(|_| sock.set_read_timeout(idle))
-        .and_then(|_| sock.set_write_timeout(idle))
-    {
+/// connection is closed as soon as it is idle; a request already in flight is finished,
+/// within the grace period.
+pub fn serve_blocking(
+    sock: &Socket,
+    ctx: &Ctx,
+    busy: &AtomicBool,
+    wake: Option<BorrowedFd<'_>>,
+) -> End {
+    contain(|| drive_blocking(sock, ctx, busy, wake)).unwrap_or_else(|end| end)
+}
+
+fn drive_blocking(
+    sock: &Socket,
+    ctx: &Ctx,
+    busy: &AtomicBool,
+    wake: Option<BorrowedFd<'_>>,
+) -> End {
+    if let Err(e) = sock.set_nonblocking(true) {
         return End::Io(e);
     }
+    let idle = Some(ctx.opts.idle_timeout).filter(|d| !d.is_zero());
     let mut out = ctx.service.outbox();
     let mut session = ctx.service.open(&mut out);
-    let mut buf = vec![0u8; READ_BUF];
+    let mut buf = ReadBuf::default();
     let mut eof = false;
-    // The receive timeout in force: the idle timeout, or less while the session has a
-    // deadline of its own (HTTP's request head); changed only when it changes.
-    let mut timeout = idle;
+    let mut last_input = Instant::now();
+    // The last read filled the buffer: more may be waiting, read again before waiting.
+    let mut full_read = false;
+    let mut stop_seen: Option<Instant> = None;
     loop {
-        match out.flush(sock) {
-            Ok(Flush::Done) => {}
-            Ok(Flush::Blocked) => return End::Io(io::ErrorKind::TimedOut.into()),
-            Err(e) => return End::Io(e),
+        if stop_seen.is_none() && signals::stop_requested() {
+            stop_seen = Some(Instant::now());
+        }
+        // Send everything queued; the peer must take a byte at least every idle timeout.
+        let mut last_sent = Instant::now();
+        loop {
+            let before = out.pending();
+            match out.flush(sock) {
+                Ok(Flush::Done) => break,
+                Ok(Flush::Blocked) => {}
+                Err(e) => return End::Io(e),
+            }
+            if out.pending() < before {
+                last_sent = Instant::now();
+            }
+            let grace_end = stop_seen.map(|t| t + ctx.opts.grace);
+            match wait_for(
+                sock,
+                libc::POLLOUT,
+                wake,
+                earliest(idle.map(|i| last_sent + i), grace_end),
+            ) {
+                Ok(Waited::Ready) => {}
+                Ok(Waited::Signal) => {
+                    if stop_seen.is_none() && signals::stop_requested() {
+                        stop_seen = Some(Instant::now());
+                    }
+                }
+                Ok(Waited::Timeout) if grace_end.is_some_and(|g| g <= Instant::now()) => {
+                    return End::Shutdown
+                }
+                Ok(Waited::Timeout) => return End::IdleTimeout,
+                Err(e) => return End::Io(e),
+            }
+        }
+        if session.has_backlog() {
+            // Requests waited for the output to drain: answer the next batch.
+            session.resume(&mut out);
+            continue;
         }
         if eof || session.done() {
             return End::Closed;
         }
         let in_flight = session.mid_request();
         busy.store(in_flight, Ordering::SeqCst);
-        let mut flags = 0;
-        if !in_flight && signals::stop_requested() {
-            // Stopping: answer only what has already arrived, without waiting for more.
-            flags = libc::MSG_DONTWAIT;
+        if !in_flight && !full_read {
+            buf.idle();
         }
-        let wanted = match session.deadline() {
-            Some(d) => {
-                let left = d
-                    .saturating_duration_since(Instant::now())
-                    .max(Duration::from_millis(1));
-                Some(idle.map_or(left, |i| i.min(left)))
+        // Stopping with nothing in flight: answer only what has already arrived.
+        let stopping_idle = stop_seen.is_some() && !in_flight;
+        if !full_read && !stopping_idle {
+            let grace_end = stop_seen.map(|t| t + ctx.opts.grace);
+            let deadline = earliest(
+                earliest(idle.map(|i| last_input + i), session.deadline()),
+                grace_end,
+            );
+            match wait_for(sock, libc::POLLIN, wake, deadline) {
+                Ok(Waited::Ready) => {}
+                Ok(Waited::Signal) => continue,
+                Ok(Waited::Timeout) => {
+                    let now = Instant::now();
+                    if session.deadline().is_some_and(|d| d <= now) {
+                        session.on_deadline(&mut out);
+                        let _ = out.flush(sock);
+                        return End::Deadline;
+                    }
+                    if grace_end.is_some_and(|g| g <= now) {
+                        return End::Shutdown;
+                    }
+                    return End::IdleTimeout;
+                }
+                Err(e) => return End::Io(e),
             }
-            None => idle,
-        };
-        if wanted != timeout {
-            if let Err(e) = sock.set_read_timeout(wanted) {
-                return End::Io(e);
-            }
-            timeout = wanted;
         }
-        let n = match recv(sock, &mut buf, flags) {
+        let n = match recv(sock, buf.space(), 0) {
             Ok(0) => {
                 eof = true;
+                full_read = false;
                 if let Err(e) = session.end_of_input() {
                     return End::Protocol(e);
                 }
@@ -604,26 +888,21 @@ pub fn serve_blocking(sock: &Socket, ctx: &Ctx, busy: &AtomicBool) -> End {
             }
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock && flags != 0 => return End::Shutdown,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                if session.deadline().is_some_and(|d| d <= Instant::now()) {
-                    session.on_deadline(&mut out);
-                    let _ = out.flush(sock);
-                    return End::Deadline;
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                full_read = false;
+                if stopping_idle {
+                    return End::Shutdown;
                 }
-                return End::IdleTimeout;
+                continue;
             }
             Err(e) => return End::Io(e),
         };
+        last_input = Instant::now();
         busy.store(true, Ordering::SeqCst);
-        if let Err(e) = session.receive(&buf[..n], &mut out) {
+        if let Err(e) = session.receive(buf.data(n), &mut out) {
             return End::Protocol(e);
         }
+        full_read = buf.filled(n);
     }
 }
 
@@ -635,4 +914,25 @@ pub fn recv(sock: &Socket, buf: &mut [u8], flags: libc::c_int) -> io::Result<usi
     use std::os::fd::AsRawFd;
     let flags = nix::sys::socket::MsgFlags::from_bits_truncate(flags);
     nix::sys::socket::recv(sock.as_raw_fd(), buf, flags).map_err(io::Error::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_read_buffer_grows_with_full_reads_and_shrinks_when_idle() {
+        let mut b = ReadBuf::default();
+        assert_eq!(b.space().len(), SMALL_READ);
+        assert!(!b.filled(10));
+        assert_eq!(b.space().len(), SMALL_READ);
+        assert!(b.filled(SMALL_READ));
+        assert_eq!(b.space().len(), 4 * SMALL_READ);
+        assert!(b.filled(4 * SMALL_READ));
+        assert!(b.filled(READ_BUF));
+        assert_eq!(b.space().len(), READ_BUF, "never past READ_BUF");
+        b.idle();
+        assert_eq!(b.space().len(), SMALL_READ);
+        assert_eq!(b.data(usize::MAX).len(), SMALL_READ);
+    }
 }

@@ -107,7 +107,11 @@ pub fn run(listener: &Listener, ctx: &Ctx, signals: &Signals) -> io::Result<()> 
         if accepting && fds[1].revents != 0 {
             accepting = accept_batch(listener, ctx, &mut book, &mut buf, now)?;
         }
-        if book.expire(now).resume_accept && !book.stopping {
+        let resume = book.expire(now).resume_accept;
+        for (sock, slot) in book.unpark(ctx, now) {
+            register(ctx, &mut book, sock, slot, &mut buf, now);
+        }
+        if resume && !book.stopping {
             accepting = true;
         }
     }
@@ -151,11 +155,28 @@ fn accept_batch<'a>(
                 AcceptAction::Fatal => return Err(e),
             },
         };
-        let Some(slot) = ctx.admit(&peer) else {
-            continue;
-        };
-        let t = book.add(Conn::new(sock, slot, ctx, now), now);
-        drive(book, t, buf, now);
+        match ctx.try_admit(&peer) {
+            Some(slot) => register(ctx, book, sock, slot, buf, now),
+            None => book.park(ctx, sock, peer, now),
+        }
     }
     Ok(true)
+}
+
+/// Open the session of an admitted connection and serve what already arrived.
+fn register<'a>(
+    ctx: &'a Ctx,
+    book: &mut Book<'a>,
+    sock: socket2::Socket,
+    slot: crate::model::Slot<'a>,
+    buf: &mut [u8],
+    now: Instant,
+) {
+    match Conn::new(sock, slot, ctx, now) {
+        Ok(conn) => {
+            let t = book.add(conn, now);
+            drive(book, t, buf, now);
+        }
+        Err((end, slot)) => end.log(&slot.peer),
+    }
 }

@@ -138,7 +138,7 @@ pub fn run(listener: &Listener, ctx: &Ctx, signals: &Signals) -> io::Result<()> 
                 .spawn_scoped(scope, move || {
                     while let Some((sock, slot)) = queue.pop() {
                         let conn = tracker.add(sock);
-                        serve_blocking(&conn.socket, ctx, &conn.busy).log(&slot.peer);
+                        serve_blocking(&conn.socket, ctx, &conn.busy, None).log(&slot.peer);
                         tracker.remove(&conn);
                     }
                 })?;

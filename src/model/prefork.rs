@@ -10,7 +10,8 @@
 //!     SIGTERM: stop the workers
 //! ```
 //!
-//! The fork cost is paid once, not per connection. A worker that dies is replaced. On a
+//! The fork cost is paid once, not per connection. A worker that dies is replaced, and the
+//! connection slots (`--max-conns`) it held are released when it is reaped. On a
 //! stop request the parent sends SIGTERM to the workers: one blocked in `accept` or idle in
 //! `recv` is interrupted (`EINTR`, the handler has no `SA_RESTART`) and exits; one in the
 //! middle of a request finishes it first.
@@ -20,6 +21,8 @@ use crate::model::{accept, accept_action, serve_blocking, wait_signal_or, Accept
 use crate::net::Listener;
 use crate::signals::{self, Signals};
 use crate::sys::{self, Fork};
+use nix::unistd::Pid;
+use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::AtomicBool;
 
@@ -31,15 +34,24 @@ pub fn run(listener: &Listener, ctx: &Ctx, signals: &mut Signals) -> io::Result<
     // Workers block in accept; the flag is shared by every process holding the listener.
     listener.socket.set_nonblocking(false)?;
     let mut children = Children::default();
-    for _ in 0..ctx.opts.workers.max(1) {
-        spawn_worker(listener, ctx, signals, &mut children)?;
+    // Which worker number each process is: its connections are counted in its own cell,
+    // which the parent empties when it reaps it (a killed worker cannot release its slots).
+    let mut numbers: HashMap<Pid, usize> = HashMap::new();
+    for n in 0..ctx.opts.workers.max(1) {
+        let pid = spawn_worker(n, listener, ctx, signals, &mut children)?;
+        numbers.insert(pid, n);
     }
     while !signals::stop_requested() {
         wait_signal_or(signals, -1, None)?;
         for pid in children.reap(None) {
+            let Some(n) = numbers.remove(&pid) else {
+                continue;
+            };
+            ctx.release_worker(n);
             if !signals::stop_requested() {
                 tracing::warn!(%pid, "worker exited; starting another");
-                spawn_worker(listener, ctx, signals, &mut children)?;
+                let pid = spawn_worker(n, listener, ctx, signals, &mut children)?;
+                numbers.insert(pid, n);
             }
         }
     }
@@ -52,16 +64,17 @@ pub fn run(listener: &Listener, ctx: &Ctx, signals: &mut Signals) -> io::Result<
 }
 
 fn spawn_worker(
+    number: usize,
     listener: &Listener,
     ctx: &Ctx,
     signals: &mut Signals,
     children: &mut Children,
-) -> io::Result<()> {
+) -> io::Result<Pid> {
     let parent = nix::unistd::getpid();
     match sys::fork()? {
         Fork::Parent(pid) => {
             children.pids.insert(pid);
-            Ok(())
+            Ok(pid)
         }
         Fork::Child => {
             if let Err(e) = sys::die_with_parent(parent) {
@@ -70,7 +83,7 @@ fn spawn_worker(
             if let Err(e) = signals.reinit_in_child() {
                 tracing::warn!("worker: cannot set up signals: {e}");
             }
-            let code = match worker(listener, ctx) {
+            let code = match worker(number, listener, ctx, signals) {
                 Ok(()) => 0,
                 Err(e) => {
                     tracing::error!("worker: {e}");
@@ -83,7 +96,7 @@ fn spawn_worker(
 }
 
 /// A worker's life: accept, serve, repeat, until SIGTERM.
-fn worker(listener: &Listener, ctx: &Ctx) -> io::Result<()> {
+fn worker(number: usize, listener: &Listener, ctx: &Ctx, signals: &Signals) -> io::Result<()> {
     let busy = AtomicBool::new(false);
     while !signals::stop_requested() {
         let (sock, peer) = match accept(&listener.socket, false) {
@@ -100,10 +113,10 @@ fn worker(listener: &Listener, ctx: &Ctx) -> io::Result<()> {
                 AcceptAction::Fatal => return Err(e),
             },
         };
-        let Some(slot) = ctx.admit(&peer) else {
+        let Some(slot) = ctx.admit_waiting(Some(number), &peer, || {}) else {
             continue;
         };
-        serve_blocking(&sock, ctx, &busy).log(&slot.peer);
+        serve_blocking(&sock, ctx, &busy, Some(signals.fd())).log(&slot.peer);
     }
     Ok(())
 }

@@ -29,7 +29,7 @@ pub fn run(listener: &Listener, ctx: &Ctx, signals: &Signals) -> io::Result<()> 
             let spawned = std::thread::Builder::new()
                 .stack_size(256 * 1024)
                 .spawn_scoped(scope, move || {
-                    serve_blocking(&conn.socket, ctx, &conn.busy).log(&slot.peer);
+                    serve_blocking(&conn.socket, ctx, &conn.busy, None).log(&slot.peer);
                     tracker.remove(&conn);
                 });
             if let Err(e) = spawned {

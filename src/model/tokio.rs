@@ -8,7 +8,9 @@
 //!     task: loop { flush output (await writable); read (await readable); feed session }
 //! ```
 
-use crate::model::{accept, accept_action, AcceptAction, Ctx, End, Slot, READ_BUF};
+use crate::model::{
+    accept, accept_action, contain, AcceptAction, Ctx, End, ReadBuf, Slot, ADMIT_WAIT,
+};
 use crate::net::Listener;
 use crate::output::Flush;
 use crate::signals::{self, Signals};
@@ -67,8 +69,7 @@ async fn accept_loop(
                 if signals::stop_requested() {
                     return Ok(());
                 }
-                let mut b = [0u8; 64];
-                while matches!(nix::unistd::read(wake.get_ref(), &mut b), Ok(n) if n == b.len()) {}
+                signals::drain_fd(std::os::fd::AsFd::as_fd(wake.get_ref()));
                 guard.clear_ready();
             }
             guard = listen.readable() => {
@@ -76,8 +77,7 @@ async fn accept_loop(
                 loop {
                     match accept(listen.get_ref(), true) {
                         Ok((sock, peer)) => {
-                            let Some(slot) = ctx.admit(&peer) else { continue };
-                            tokio::spawn(connection(sock, slot, ctx, stop.clone()));
+                            tokio::spawn(admit_then_serve(sock, peer, ctx, stop.clone()));
                         }
                         Err(e) => match accept_action(&e) {
                             AcceptAction::Wait => {
@@ -98,6 +98,28 @@ async fn accept_loop(
     }
 }
 
+/// Admit a new connection (over `--max-conns`, waiting up to [`ADMIT_WAIT`] for a slot
+/// whose close is not seen yet) and serve it.
+async fn admit_then_serve(
+    sock: Socket,
+    peer: socket2::SockAddr,
+    ctx: &'static Ctx,
+    stop: watch::Receiver<bool>,
+) {
+    let deadline = Instant::now() + ADMIT_WAIT;
+    let slot = loop {
+        if let Some(slot) = ctx.try_admit(&peer) {
+            break slot;
+        }
+        if Instant::now() >= deadline || *stop.borrow() {
+            ctx.refuse(&peer);
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
+    connection(sock, slot, ctx, stop).await;
+}
+
 /// One connection's task.
 async fn connection(
     sock: Socket,
@@ -106,83 +128,123 @@ async fn connection(
     stop: watch::Receiver<bool>,
 ) {
     let end = match crate::sys::async_fd(sock) {
-        Ok(fd) => drive(&fd, ctx, stop).await,
+        Ok(fd) => drive(&fd, ctx, stop).await.unwrap_or_else(|end| end),
         Err(e) => End::Io(e),
     };
     end.log(&slot.peer);
 }
 
-async fn drive(fd: &AsyncFd<Socket>, ctx: &Ctx, mut stop: watch::Receiver<bool>) -> End {
+/// Drive one connection. Every call into the session (and the flush) is a step inside the
+/// panic boundary ([`contain`]): a panic ends this connection with [`End::Panic`] (`Err`),
+/// the runtime and the other tasks go on.
+async fn drive(
+    fd: &AsyncFd<Socket>,
+    ctx: &Ctx,
+    mut stop: watch::Receiver<bool>,
+) -> Result<End, End> {
     let mut out = ctx.service.outbox();
-    let mut session = ctx.service.open(&mut out);
-    let mut buf = vec![0u8; READ_BUF];
-    let idle = ctx.opts.idle_timeout;
+    let mut session = contain(|| ctx.service.open(&mut out))?;
+    let mut buf = ReadBuf::default();
+    let idle = Some(ctx.opts.idle_timeout).filter(|d| !d.is_zero());
     let mut eof = false;
+    // The last read filled the buffer: more is coming, keep the buffer as it is.
+    let mut full_read = false;
     loop {
+        // Send what is queued; the peer must take a byte at least every idle timeout (a
+        // client that asks for a large file and never reads is cut, not kept for ever).
+        let mut last_sent = Instant::now();
         while !out.is_empty() {
-            let mut guard = match fd.writable().await {
-                Ok(g) => g,
-                Err(e) => return End::Io(e),
+            let writable = match idle {
+                Some(i) => {
+                    match tokio::time::timeout_at((last_sent + i).into(), fd.writable()).await {
+                        Ok(w) => w,
+                        Err(_) => return Ok(End::IdleTimeout),
+                    }
+                }
+                None => fd.writable().await,
             };
-            match guard.try_io(|s| match out.flush(s.get_ref()) {
-                Ok(Flush::Done) => Ok(()),
-                Ok(Flush::Blocked) => Err(io::ErrorKind::WouldBlock.into()),
-                Err(e) => Err(e),
-            }) {
+            let mut guard = match writable {
+                Ok(g) => g,
+                Err(e) => return Ok(End::Io(e)),
+            };
+            let before = out.pending();
+            let flushed = contain(|| {
+                guard.try_io(|s| match out.flush(s.get_ref()) {
+                    Ok(Flush::Done) => Ok(()),
+                    Ok(Flush::Blocked) => Err(io::ErrorKind::WouldBlock.into()),
+                    Err(e) => Err(e),
+                })
+            })?;
+            if out.pending() < before {
+                last_sent = Instant::now();
+            }
+            match flushed {
                 Ok(Ok(())) | Err(_) => {}
-                Ok(Err(e)) => return End::Io(e),
+                Ok(Err(e)) => return Ok(End::Io(e)),
             }
         }
+        if session.has_backlog() {
+            // Requests waited for the output to drain (it just did): the next batch.
+            contain(|| session.resume(&mut out))?;
+            continue;
+        }
         if eof || session.done() {
-            return End::Closed;
+            return Ok(End::Closed);
         }
         let stopping = *stop.borrow();
         let idle_now = !session.mid_request();
+        if idle_now && !full_read {
+            buf.idle();
+        }
         let mut guard = if stopping && idle_now {
             // Stopping: answer what already arrived, without waiting for more.
             match tokio::time::timeout(Duration::ZERO, fd.readable()).await {
                 Ok(Ok(g)) => g,
-                Ok(Err(e)) => return End::Io(e),
-                Err(_) => return End::Shutdown,
+                Ok(Err(e)) => return Ok(End::Io(e)),
+                Err(_) => return Ok(End::Shutdown),
             }
         } else {
             let deadline = session.deadline();
             tokio::select! {
                 g = fd.readable() => match g {
                     Ok(g) => g,
-                    Err(e) => return End::Io(e),
+                    Err(e) => return Ok(End::Io(e)),
                 },
-                _ = tokio::time::sleep(idle), if !idle.is_zero() => return End::IdleTimeout,
+                _ = tokio::time::sleep(idle.unwrap_or_default()), if idle.is_some() => return Ok(End::IdleTimeout),
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now).into()), if deadline.is_some() => {
-                    session.on_deadline(&mut out);
-                    let _ = out.flush(fd.get_ref());
-                    return End::Deadline;
+                    contain(|| {
+                        session.on_deadline(&mut out);
+                        let _ = out.flush(fd.get_ref());
+                    })?;
+                    return Ok(End::Deadline);
                 }
                 _ = stop.changed(), if idle_now && !stopping => continue,
             }
         };
-        match guard.try_io(|s| crate::model::recv(s.get_ref(), &mut buf, 0)) {
+        match guard.try_io(|s| crate::model::recv(s.get_ref(), buf.space(), 0)) {
             Ok(Ok(0)) => {
                 eof = true;
-                if let Err(e) = session.end_of_input() {
-                    return End::Protocol(e);
+                full_read = false;
+                if let Err(e) = contain(|| session.end_of_input())? {
+                    return Ok(End::Protocol(e));
                 }
             }
             Ok(Ok(n)) => {
                 // What tokio's own TcpStream does: a short read means the socket is drained,
                 // so forget the readiness instead of paying for a read that says EAGAIN.
-                if n < buf.len() {
-                    guard.clear_ready();
+                if let Err(e) = contain(|| session.receive(buf.data(n), &mut out))? {
+                    return Ok(End::Protocol(e));
                 }
-                if let Err(e) = session.receive(&buf[..n], &mut out) {
-                    return End::Protocol(e);
+                full_read = buf.filled(n);
+                if !full_read {
+                    guard.clear_ready();
                 }
             }
             Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
-            Ok(Err(e)) => return End::Io(e),
+            Ok(Err(e)) => return Ok(End::Io(e)),
             Err(_would_block) => {
                 if stopping && idle_now {
-                    return End::Shutdown;
+                    return Ok(End::Shutdown);
                 }
             }
         }

@@ -217,6 +217,24 @@ impl Session {
         }
     }
 
+    /// Whether received requests wait for the output queue to drain (HTTP pipelining past
+    /// the bound of [`http::QUEUE_BYTES`] and its kin): the model must read nothing more
+    /// from the connection, flush the output, then call [`Session::resume`]. This is what
+    /// bounds a connection's queued output whatever the client sends.
+    pub fn has_backlog(&self) -> bool {
+        match self {
+            Session::Http(s) => s.has_backlog(),
+            _ => false,
+        }
+    }
+
+    /// The output queue drained: answer the requests that waited.
+    pub fn resume(&mut self, out: &mut Outbox) {
+        if let Session::Http(s) = self {
+            s.resume(out);
+        }
+    }
+
     /// Whether part of a request has arrived and is not answered yet: a connection with a
     /// request in flight is let finish on shutdown, an idle one is closed.
     pub fn mid_request(&self) -> bool {

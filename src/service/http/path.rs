@@ -24,6 +24,17 @@ pub enum Refusal {
     Forbidden,
     /// Nothing there: 404.
     NotFound,
+    /// The server is out of descriptors or memory (`EMFILE`, `ENFILE`, `ENOMEM`): 503.
+    Unavailable,
+}
+
+/// Whether an error means the server ran out of descriptors or memory (not the client's
+/// fault, and not "forbidden").
+pub fn out_of_resources(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM)
+    )
 }
 
 /// A request target, checked and decoded.
@@ -36,6 +47,21 @@ pub struct Target {
     pub shown: String,
     /// Whether the target ended with `/`.
     pub trailing_slash: bool,
+}
+
+impl Target {
+    /// The path percent-encoded from its raw bytes, starting with `/` and without a trailing
+    /// one: what a `Location` must say so that it leads back here, also for names that are
+    /// not UTF-8.
+    pub fn encoded(&self) -> String {
+        use std::os::unix::ffi::OsStrExt;
+        let mut s = String::new();
+        for c in self.rel.components() {
+            s.push('/');
+            s.push_str(&encode(c.as_os_str().as_bytes()));
+        }
+        s
+    }
 }
 
 fn hex(b: u8) -> Option<u8> {
@@ -151,6 +177,9 @@ pub fn open(
         nix::errno::Errno::ENOENT
         | nix::errno::Errno::ENOTDIR
         | nix::errno::Errno::ENAMETOOLONG => Refusal::NotFound,
+        nix::errno::Errno::EMFILE | nix::errno::Errno::ENFILE | nix::errno::Errno::ENOMEM => {
+            Refusal::Unavailable
+        }
         _ => Refusal::Forbidden, // EACCES, EPERM, EXDEV (would leave the root), ELOOP...
     })?;
     let file = std::fs::File::from(fd);
@@ -173,14 +202,16 @@ pub fn open_root(root: &Path) -> std::io::Result<OwnedFd> {
     Ok(fd)
 }
 
-/// Percent-encode a name for use in a link (everything but unreserved characters).
-pub fn encode(name: &str) -> String {
+/// Percent-encode a name's raw bytes for use in a link (everything but unreserved
+/// characters), so that names that are not UTF-8 still lead back to themselves.
+pub fn encode(name: &[u8]) -> String {
+    use std::fmt::Write as _;
     let mut s = String::with_capacity(name.len());
-    for &b in name.as_bytes() {
+    for &b in name {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
             s.push(b as char);
         } else {
-            s.push_str(&format!("%{b:02X}"));
+            let _ = write!(s, "%{b:02X}");
         }
     }
     s
@@ -300,6 +331,11 @@ mod tests {
 
     #[test]
     fn links_are_encoded() {
-        assert_eq!(encode("b c&d<e>.txt"), "b%20c%26d%3Ce%3E.txt");
+        assert_eq!(encode(b"b c&d<e>.txt"), "b%20c%26d%3Ce%3E.txt");
+        assert_eq!(encode(b"caf\xe9"), "caf%E9");
+        let t = parse("/a%20b/caf%E9").unwrap();
+        assert_eq!(t.encoded(), "/a%20b/caf%E9");
+        assert_eq!(parse(&t.encoded()).unwrap().rel, t.rel);
+        assert_eq!(parse("/").unwrap().encoded(), "");
     }
 }
