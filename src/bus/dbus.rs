@@ -1671,6 +1671,60 @@ mod tests {
         assert_eq!(b.bus().pending_calls(), 0);
     }
 
+    /// Refuses the name `no.own` and calls of `Wipe` on anything.
+    #[derive(Debug)]
+    struct Picky;
+
+    impl Authorizer for Picky {
+        fn connect(&self, _: &Identity, _: Option<&[u8]>) -> Result<(), v5::ConnectReasonCode> {
+            Ok(())
+        }
+        fn publish(&self, _: &Identity, _: &str) -> bool {
+            true
+        }
+        fn subscribe(&self, _: &Identity, _: &str) -> bool {
+            true
+        }
+        fn own(&self, _: &Identity, name: &str) -> bool {
+            name != "no.own"
+        }
+        fn call(&self, _: &Identity, _: &str, _: Option<&str>, member: &str) -> bool {
+            member != "Wipe"
+        }
+    }
+
+    #[test]
+    fn the_authorizer_decides_who_owns_and_who_calls() {
+        let mut b = Broker::new(BrokerConfig::default(), Arc::new(Picky), Instant::now());
+        for c in [1, 2] {
+            connect(&mut b, c);
+        }
+        call(&mut b, 1, DRIVER, "RequestName", json!(["no.own", 0]), b"o");
+        assert_eq!(seen(&mut b)[0].2, error::ACCESS_DENIED);
+        assert_eq!(b.bus().resolve("no.own"), None);
+        call(
+            &mut b,
+            1,
+            DRIVER,
+            "RequestName",
+            json!(["yes.own", 0]),
+            b"o",
+        );
+        taken(&mut b);
+        call(&mut b, 2, "yes.own", "Wipe", json!([]), b"w");
+        let got = seen(&mut b);
+        assert_eq!(
+            (got.len(), got[0].0, got[0].2.as_str()),
+            (1, 2, error::ACCESS_DENIED)
+        );
+        assert_eq!(b.bus().pending_calls(), 0);
+        // Ping is answered whatever the rules; other calls reach the owner.
+        call(&mut b, 2, "yes.own", "Ping", json!([]), b"p");
+        assert_eq!(seen(&mut b)[0].1, "method_return");
+        call(&mut b, 2, "yes.own", "Read", json!([]), b"r");
+        assert_eq!(seen(&mut b)[0].0, 1);
+    }
+
     #[test]
     fn ping_introspect_and_queries() {
         let mut b = broker();
