@@ -14,6 +14,7 @@
 //!
 //! See `docs/bus.md` for the protocol notes and the design.
 
+pub mod auth;
 pub mod bench;
 pub mod broker;
 pub mod client;
