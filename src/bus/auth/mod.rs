@@ -5,3 +5,5 @@
 //! | [`acl`] | ACL files (mosquitto's syntax, plus D-Bus-style name rules) and their matcher |
 
 pub mod acl;
+pub mod passwd;
+pub mod ratelimit;
