@@ -7,3 +7,4 @@
 pub mod acl;
 pub mod passwd;
 pub mod ratelimit;
+pub mod tls;
