@@ -342,9 +342,7 @@ fn topic_rule(access: Access, topic: &str, substitute: bool) -> Result<TopicRule
             "#" => return Err(format!("'#' must be the last level in {topic:?}")),
             "+" => Level::Plus,
             p if p.contains(['+', '#']) => {
-                return Err(format!(
-                    "'+' and '#' must fill a whole level in {topic:?}"
-                ))
+                return Err(format!("'+' and '#' must fill a whole level in {topic:?}"))
             }
             p => Level::Text(Template::parse(p, substitute)),
         });
@@ -369,9 +367,7 @@ fn valid_name_pattern(s: &str) -> Result<(), String> {
         return Ok(());
     }
     if base.is_empty() || base.contains('*') {
-        return Err(format!(
-            "bad name pattern {s:?} (a name, NAME.* or *)"
-        ));
+        return Err(format!("bad name pattern {s:?} (a name, NAME.* or *)"));
     }
     if base
         .chars()
@@ -772,7 +768,10 @@ pattern call org.socklab.Echo * Ping
     #[track_caller]
     fn can(acl: &Acl, w: &Who<'_>, topic: &str, read: bool, write: bool) {
         assert_eq!(
-            (acl.topic(w, topic, Want::Read), acl.topic(w, topic, Want::Write)),
+            (
+                acl.topic(w, topic, Want::Read),
+                acl.topic(w, topic, Want::Write)
+            ),
             (read, write),
             "{:?} on {topic:?}: (read, write)",
             w.user
@@ -815,7 +814,13 @@ pattern call org.socklab.Echo * Ping
         // Names that would change the pattern's shape make it not apply.
         for bad in ["a/b", "+", "#", "x#"] {
             let w = who(Some(bad), bad);
-            for t in ["users/a/b/x", "users/+/x", "users/#", "users/x#/y", "clients/a/b/out"] {
+            for t in [
+                "users/a/b/x",
+                "users/+/x",
+                "users/#",
+                "users/x#/y",
+                "clients/a/b/out",
+            ] {
                 assert!(!a.topic(&w, t, Want::Read), "{bad:?} reads {t:?}");
             }
         }
@@ -878,7 +883,11 @@ pattern call org.socklab.Echo * Ping
             ("a/b/c", "a/b", false, false),
         ] {
             assert_eq!(covers(&p(pat), &f(filter), &w), c, "{pat} covers {filter}");
-            assert_eq!(overlaps(&p(pat), &f(filter), &w), o, "{pat} overlaps {filter}");
+            assert_eq!(
+                overlaps(&p(pat), &f(filter), &w),
+                o,
+                "{pat} overlaps {filter}"
+            );
         }
     }
 
@@ -905,10 +914,28 @@ pattern call org.socklab.Echo * Ping
     fn calls_by_destination_interface_member() {
         let a = acl();
         let c = |w: &Who<'_>, d: &str, i: Option<&str>, m: &str| a.call(w, d, i, m);
-        assert!(c(&ALICE, "org.example.Store", Some("org.example.Store1"), "Get"));
-        assert!(!c(&ALICE, "org.example.Store", Some("org.example.Store1"), "Put"));
-        assert!(!c(&ALICE, "org.example.Store", None, "Get"), "grant names an interface");
-        assert!(!c(&ALICE, "org.example.Store", Some("org.example.Store1"), "Wipe"));
+        assert!(c(
+            &ALICE,
+            "org.example.Store",
+            Some("org.example.Store1"),
+            "Get"
+        ));
+        assert!(!c(
+            &ALICE,
+            "org.example.Store",
+            Some("org.example.Store1"),
+            "Put"
+        ));
+        assert!(
+            !c(&ALICE, "org.example.Store", None, "Get"),
+            "grant names an interface"
+        );
+        assert!(!c(
+            &ALICE,
+            "org.example.Store",
+            Some("org.example.Store1"),
+            "Wipe"
+        ));
         assert!(c(&ALICE, "org.example.Thermo", None, "Read"));
         assert!(c(&ALICE, "org.example.Thermo", Some("any.Iface"), "Any"));
         assert!(!c(&BOB, "org.example.Thermo", None, "Read"));
@@ -916,7 +943,10 @@ pattern call org.socklab.Echo * Ping
         assert!(c(&ANON, "org.socklab.Echo", None, "Ping"));
         assert!(!c(&ANON, "org.socklab.Echo", None, "Echo"));
         let d = Acl::parse("call *\ncall deny org.x.Admin org.x.Admin1 Wipe\n").unwrap();
-        assert!(!d.call(&ANON, "org.x.Admin", None, "Wipe"), "a deny cannot be dodged");
+        assert!(
+            !d.call(&ANON, "org.x.Admin", None, "Wipe"),
+            "a deny cannot be dodged"
+        );
         assert!(d.call(&ANON, "org.x.Admin", None, "Read"));
     }
 
@@ -972,7 +1002,13 @@ pattern call org.socklab.Echo * Ping
         .unwrap();
         can(&a, &ANON, "$SYS/broker/uptime", true, false);
         can(&a, &who(Some("roger"), "r"), "foo/bar", true, true);
-        can(&a, &who(Some("roger"), "r"), "$SYS/broker/connection/r/state", false, true);
+        can(
+            &a,
+            &who(Some("roger"), "r"),
+            "$SYS/broker/connection/r/state",
+            false,
+            true,
+        );
     }
 
     proptest::proptest! {

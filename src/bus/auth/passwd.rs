@@ -117,8 +117,7 @@ pub fn verify_hash(hash: &str, password: &[u8]) -> bool {
     if password.len() > MAX_PASSWORD {
         return false;
     }
-    PasswordHash::new(hash)
-        .is_ok_and(|h| Argon2::default().verify_password(password, &h).is_ok())
+    PasswordHash::new(hash).is_ok_and(|h| Argon2::default().verify_password(password, &h).is_ok())
 }
 
 impl Passwords {
@@ -148,7 +147,8 @@ impl Passwords {
                 return Err(err(format!("user {user:?} is listed twice")));
             }
             p.index.insert(user.to_string(), p.lines.len());
-            p.lines.push(Line::Entry(user.to_string(), hash.to_string()));
+            p.lines
+                .push(Line::Entry(user.to_string(), hash.to_string()));
         }
         Ok(p)
     }
@@ -312,18 +312,11 @@ pub fn run(a: &PasswdArgs) -> anyhow::Result<()> {
         Ok(text) => Passwords::parse(&text)
             .map_err(|e| UsageError(format!("password file {}: {e}", a.file.display())))?,
         Err(e) if e.kind() == io::ErrorKind::NotFound && !a.delete => Passwords::default(),
-        Err(e) => {
-            return Err(UsageError(format!("cannot read {}: {e}", a.file.display())).into())
-        }
+        Err(e) => return Err(UsageError(format!("cannot read {}: {e}", a.file.display())).into()),
     };
     if a.delete {
         if !p.remove(&a.user) {
-            return Err(UsageError(format!(
-                "no user {:?} in {}",
-                a.user,
-                a.file.display()
-            ))
-            .into());
+            return Err(UsageError(format!("no user {:?} in {}", a.user, a.file.display())).into());
         }
     } else {
         check_user(&a.user).map_err(UsageError)?;
@@ -435,7 +428,11 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         let back = Passwords::load(&path).unwrap();
         assert_eq!(back, p);
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temp left");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no temp left"
+        );
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(!text.contains(":a\n"), "never the password itself");
     }

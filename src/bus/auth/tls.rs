@@ -141,12 +141,7 @@ pub fn client_config(o: &ClientTls) -> anyhow::Result<Arc<ClientConfig>> {
             .with_client_auth_cert(load_certs(c)?, load_key(k)?)
             .map_err(|e| pem_err("client certificate", c, e))?,
         (None, None) => builder.with_no_client_auth(),
-        _ => {
-            return Err(crate::client::UsageError(
-                "--cert and --key go together".into(),
-            )
-            .into())
-        }
+        _ => return Err(crate::client::UsageError("--cert and --key go together".into()).into()),
     };
     Ok(Arc::new(cfg))
 }
@@ -308,7 +303,9 @@ impl Stream {
     pub fn tls(sock: Socket, cfg: Arc<ClientConfig>, host: &str) -> anyhow::Result<Stream> {
         let host = host.trim_start_matches('[').trim_end_matches(']');
         let name = ServerName::try_from(host.to_string()).map_err(|e| {
-            crate::client::UsageError(format!("{host:?} cannot be checked against a certificate: {e}"))
+            crate::client::UsageError(format!(
+                "{host:?} cannot be checked against a certificate: {e}"
+            ))
         })?;
         let conn = ClientConnection::new(cfg, name)?;
         Ok(Stream::Tls(Box::new(rustls::StreamOwned::new(conn, sock))))
@@ -495,7 +492,10 @@ mod tests {
         assert_eq!(server.join().unwrap(), None, "refused as a TLS error");
         let mut rest = Vec::new();
         let _ = (&c).read_to_end(&mut rest);
-        assert!(rest.first() == Some(&21) || rest.is_empty(), "an alert or nothing");
+        assert!(
+            rest.first() == Some(&21) || rest.is_empty(),
+            "an alert or nothing"
+        );
     }
 
     #[test]
@@ -525,7 +525,10 @@ mod tests {
         let cert = load_certs(&dir.path().join("alice.pem")).unwrap().remove(0);
         assert_eq!(cert_user(&cert, CertIdentity::Cn).as_deref(), Some("alice"));
         let subject = cert_user(&cert, CertIdentity::Subject).unwrap();
-        assert!(subject.contains("CN=alice") && subject.contains("O=socklab tests"), "{subject}");
+        assert!(
+            subject.contains("CN=alice") && subject.contains("O=socklab tests"),
+            "{subject}"
+        );
         assert_eq!(cert_user(&cert, CertIdentity::None), None);
     }
 }
