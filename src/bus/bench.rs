@@ -75,6 +75,9 @@ pub struct BenchArgs {
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+    /// User name, password, TLS (every connection uses them).
+    #[command(flatten)]
+    pub login: super::client::LoginArgs,
 }
 
 /// What one publisher's messages looked like at one receiver.
@@ -204,6 +207,8 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
         return Err(crate::client::UsageError("--size must be at least 24 bytes".into()).into());
     }
     let ep = bus_endpoint(a.bus.as_deref());
+    let mut base = ConnectOptions::default();
+    a.login.apply(&mut base)?;
     let n = a.count.max(1);
     let (pubs, subs) = match a.scenario {
         Scenario::Pairs => (n, n),
@@ -242,6 +247,7 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
     let mut sub_handles = Vec::new();
     for s in 0..subs {
         let ep = ep.clone();
+        let base = base.clone();
         let (trackers, counters, corrupt, done, ready) = (
             trackers.clone(),
             counters.clone(),
@@ -257,7 +263,7 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
                 let o = ConnectOptions {
                     version,
                     client_id: format!("bench-{run_id}-s{s}"),
-                    ..Default::default()
+                    ..base.clone()
                 };
                 let r = Client::connect(&ep, &o).and_then(|(mut c, _)| {
                     c.subscribe(&[filter_of(scenario, s)], qos)?;
@@ -318,6 +324,7 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
     let mut pub_handles = Vec::new();
     for p in 0..pubs {
         let ep = ep.clone();
+        let base = base.clone();
         let (counters, publishing) = (counters.clone(), publishing.clone());
         let (version, scenario, size, rate, window) =
             (a.version, a.scenario, a.size, a.rate, a.inflight.max(1));
@@ -326,7 +333,7 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
                 let o = ConnectOptions {
                     version,
                     client_id: format!("bench-{run_id}-p{p}"),
-                    ..Default::default()
+                    ..base.clone()
                 };
                 let (mut c, _) = Client::connect(&ep, &o)?;
                 let topic = TopicName::try_from(topic_of(scenario, p).as_str())?;

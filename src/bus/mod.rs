@@ -11,6 +11,7 @@
 //! | [`server`] | `bus serve`: the epoll reactors driving the core |
 //! | [`client`] | a blocking client, `bus pub` and `bus sub` |
 //! | [`bench`](mod@bench) | `bus bench`: verified load against any broker |
+//! | [`auth`] | who may join and what they may do: password files, ACLs, login limits, TLS |
 //!
 //! See `docs/bus.md` for the protocol notes and the design.
 
@@ -51,6 +52,9 @@ pub enum BusCommand {
     /// Load any MQTT broker, verify every message: `socklab bus bench 127.0.0.1:1883
     /// --scenario fanout -n 100 -q 1 -d 10s`.
     Bench(bench::BenchArgs),
+    /// Add or update a user in a password file (the password is read from the terminal
+    /// without echo, or the first line of stdin): `socklab bus passwd bus.passwd alice`.
+    Passwd(auth::passwd::PasswdArgs),
 }
 
 /// Arguments of `socklab bus serve`.
@@ -93,6 +97,45 @@ pub struct ServeArgs {
     /// How often $SYS/broker/... is published.
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     pub sys_interval: Duration,
+    /// Password file (`socklab bus passwd`): CONNECT's user name and password are checked
+    /// against it. SIGHUP rereads it.
+    #[arg(long, value_name = "FILE")]
+    pub passwords: Option<PathBuf>,
+    /// ACL file (mosquitto's syntax, plus `own`/`call` rules for bus names): once given,
+    /// what it does not grant is refused. SIGHUP rereads it.
+    #[arg(long, value_name = "FILE")]
+    pub acl: Option<PathBuf>,
+    /// Let clients without a user name connect [default: true without --passwords, false
+    /// with it].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub allow_anonymous: Option<bool>,
+    /// Over the Unix socket, a client that sends no user name is the peer's user
+    /// (SO_PEERCRED), by login name.
+    #[arg(long)]
+    pub unix_peer_user: bool,
+    /// Failed logins a source (IP address, IPv6 /64, or uid) may make at once; past them,
+    /// one more per --login-interval.
+    #[arg(long, default_value_t = 10)]
+    pub login_burst: u32,
+    /// See --login-burst.
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    pub login_interval: Duration,
+    /// Also listen for MQTT over TLS on this address (needs --tls-cert and --tls-key).
+    #[arg(long, value_name = "ADDR", requires_all = ["tls_cert", "tls_key"])]
+    pub tls_listen: Option<String>,
+    /// The TLS listener's certificate chain (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_listen")]
+    pub tls_cert: Option<PathBuf>,
+    /// The TLS listener's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_listen")]
+    pub tls_key: Option<PathBuf>,
+    /// Require TLS clients to show a certificate signed by these CAs (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_listen")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// What a client certificate makes the user name: its common name, its whole subject,
+    /// or nothing (the CONNECT's user name and password are checked as usual).
+    #[arg(long, value_enum, default_value_t = auth::tls::CertIdentity::Cn)]
+    pub tls_identity: auth::tls::CertIdentity,
 }
 
 /// Run `socklab bus ...`.
@@ -122,11 +165,37 @@ pub fn run(args: &BusArgs, verbose: u8) -> anyhow::Result<()> {
                     sys_interval: a.sys_interval,
                     ..Default::default()
                 },
+                auth: auth::AuthConfig {
+                    passwords: a.passwords.clone(),
+                    acl: a.acl.clone(),
+                    allow_anonymous: a.allow_anonymous,
+                    unix_peer_user: a.unix_peer_user,
+                    cert_identity: if a.tls_client_ca.is_some() {
+                        a.tls_identity
+                    } else {
+                        auth::tls::CertIdentity::None
+                    },
+                    limit: auth::ratelimit::LimitConfig {
+                        burst: a.login_burst,
+                        interval: a.login_interval,
+                        ..Default::default()
+                    },
+                },
+                tls_listen: a.tls_listen.clone(),
+                tls: match (&a.tls_cert, &a.tls_key) {
+                    (Some(c), Some(k)) => Some(auth::tls::server_config(
+                        c,
+                        k,
+                        a.tls_client_ca.as_deref(),
+                    )?),
+                    _ => None,
+                },
             };
             server::run(cfg)
         }
         BusCommand::Pub(a) => client::run_pub(a),
         BusCommand::Sub(a) => client::run_sub(a, verbose > 0),
         BusCommand::Bench(a) => bench::run(a),
+        BusCommand::Passwd(a) => auth::passwd::run(a),
     }
 }

@@ -159,10 +159,12 @@ impl Passwords {
     /// The file cannot be read, or [`Passwords::parse`] refuses it (the message names the
     /// file and line).
     pub fn load(path: &Path) -> anyhow::Result<Passwords> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| anyhow::anyhow!("cannot read password file {}: {e}", path.display()))?;
-        Passwords::parse(&text)
-            .map_err(|e| anyhow::anyhow!("password file {}: {e}", path.display()))
+        use crate::client::UsageError;
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            UsageError(format!("cannot read password file {}: {e}", path.display()))
+        })?;
+        Ok(Passwords::parse(&text)
+            .map_err(|e| UsageError(format!("password file {}: {e}", path.display())))?)
     }
 
     /// Number of users.
