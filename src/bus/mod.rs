@@ -183,11 +183,9 @@ pub fn run(args: &BusArgs, verbose: u8) -> anyhow::Result<()> {
                 },
                 tls_listen: a.tls_listen.clone(),
                 tls: match (&a.tls_cert, &a.tls_key) {
-                    (Some(c), Some(k)) => Some(auth::tls::server_config(
-                        c,
-                        k,
-                        a.tls_client_ca.as_deref(),
-                    )?),
+                    (Some(c), Some(k)) => {
+                        Some(auth::tls::server_config(c, k, a.tls_client_ca.as_deref())?)
+                    }
                     _ => None,
                 },
             };
