@@ -334,18 +334,14 @@ impl Gate {
             return Step::Done(Ok((Some(user), Verified::None)));
         }
         let source = Source::of(&login.peer, login.peer_uid);
-        if !self
-            .limiter
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .begin(source, now)
-        {
+        let mut l = self.limiter.lock().unwrap_or_else(|e| e.into_inner());
+        if !l.allows(source, now) {
+            l.begin(source, now); // counted as refused
+            drop(l);
             tracing::warn!(user = %user, peer = %login.peer, "login refused: too many failed logins from this source");
-            return Step::Done(Err(Refusal {
-                code: Crc::ConnectionRateExceeded,
-                why: "too many failed logins",
-            }));
+            return Step::Done(Err(SLOWED));
         }
+        drop(l);
         Step::Verify(Job {
             user,
             password: login.password,
@@ -366,17 +362,11 @@ impl Gate {
         let Some(tx) = jobs.as_ref() else {
             return reply(Err(busy));
         };
-        let source = job.source;
         match tx.try_send((job, Box::new(reply))) {
             Ok(()) => {}
             Err(mpsc::TrySendError::Full((_, reply)))
             | Err(mpsc::TrySendError::Disconnected((_, reply))) => {
-                // Not checked: the attempt is given back.
-                self.limiter
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .succeeded(source);
-                tracing::warn!("login refused: {} password checks waiting", QUEUE);
+                tracing::warn!("login refused: {QUEUE} password checks waiting");
                 reply(Err(busy));
             }
         }
@@ -388,8 +378,23 @@ impl Gate {
     }
 }
 
-/// The slow part of a login.
+const SLOWED: Refusal = Refusal {
+    code: Crc::ConnectionRateExceeded,
+    why: "too many failed logins from this source",
+};
+
+/// The slow part of a login, on a verifier thread: an attempt is taken from the source's
+/// bucket (none left: refused unchecked), the hash verified, the attempt given back if
+/// the password was right.
 fn verify(job: Job, limiter: &Mutex<LoginLimiter>) -> Outcome {
+    if !limiter
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .begin(job.source, Instant::now())
+    {
+        tracing::warn!(user = %job.user, peer = %job.peer, "login refused: {}", SLOWED.why);
+        return Err(SLOWED);
+    }
     let r = job
         .policy
         .check_password(&job.user, job.password.as_deref());

@@ -3,10 +3,14 @@
 //! Each source (an IPv4 address, an IPv6 /64, or a Unix-socket peer's uid) has a bucket of
 //! `burst` attempts that refills one attempt per `interval` (a token bucket kept as one
 //! instant, the time at which the bucket is full again -- the "generic cell rate
-//! algorithm"). A password check takes an attempt *before* it runs, so that many checks in
-//! flight at once cannot outrun the limit; a check that succeeds gives its attempt back.
+//! algorithm"). A password check takes an attempt right *before* it runs (on a verifier
+//! thread: checks run a few at a time, so a thousand guesses sent at once cannot all be
+//! checked before the first failures count); a check that succeeds gives its attempt back,
+//! so many clients of one host logging in at once with the right passwords are not slowed.
 //! A source with no attempt left is refused without its password being looked at (MQTT 5.0
-//! reason 0x9F, connection rate exceeded; 3.1.1 return code 3, server unavailable).
+//! reason 0x9F, connection rate exceeded; 3.1.1 return code 3, server unavailable) -- both
+//! when its CONNECT arrives ([`LoginLimiter::allows`]) and when its turn to be checked
+//! comes.
 //!
 //! Memory: at most `capacity` sources are tracked. A full bucket carries no information, so
 //! such entries are dropped whenever room is needed (at most once per `interval`, so that a
@@ -119,6 +123,16 @@ impl LoginLimiter {
         self.cfg.interval.saturating_mul(self.cfg.burst)
     }
 
+    /// Whether `source` has an attempt left (nothing is taken).
+    pub fn allows(&self, source: Source, now: Instant) -> bool {
+        let full_at = match self.full_at.get(&source) {
+            Some(f) => *f,
+            None if self.full_at.len() < self.cfg.capacity => return true,
+            None => self.overflow.unwrap_or(now),
+        };
+        full_at.max(now) + self.cfg.interval <= now + self.window()
+    }
+
     /// Take one attempt from `source`'s bucket: `true` if it had one (the password may be
     /// checked), `false` if the source must wait.
     pub fn begin(&mut self, source: Source, now: Instant) -> bool {
@@ -219,6 +233,17 @@ mod tests {
         assert!((0..3).all(|_| l.begin(A, later)));
         assert!(!l.begin(A, later));
         assert_eq!(l.refused(), 4 + 990);
+    }
+
+    #[test]
+    fn allows_takes_nothing() {
+        let mut l = LoginLimiter::new(cfg(2, 10));
+        let t0 = Instant::now();
+        assert!(l.allows(A, t0) && l.allows(A, t0) && l.allows(A, t0));
+        assert!(l.begin(A, t0) && l.begin(A, t0));
+        assert!(!l.allows(A, t0));
+        assert!(l.allows(A, t0 + Duration::from_secs(1)));
+        assert_eq!(l.refused(), 0);
     }
 
     #[test]
