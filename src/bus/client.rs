@@ -4,7 +4,7 @@
 //! The broker is found with `--bus ADDR` (HOST:PORT, or a path for a Unix socket), else
 //! `$SOCKLAB_BUS`, else 127.0.0.1:1883 -- as D-Bus clients use `DBUS_SESSION_BUS_ADDRESS`.
 
-use super::auth::tls::{self, Stream};
+use super::auth::tls::{self, Stream, TlsConn};
 use super::codec::{self, Version};
 use crate::client::UsageError;
 use crate::net::Endpoint;
@@ -150,6 +150,15 @@ impl Client {
     /// The socket (for timeouts).
     pub fn socket(&self) -> &Socket {
         self.stream.socket()
+    }
+
+    /// Hand the connection over to another driver (the load generator's event loops): the
+    /// socket, the bytes received but not yet decoded, and the packets decoded while waiting
+    /// for something else (publications that arrived before a SUBACK); over TLS, the TLS
+    /// state too (it may hold received plaintext not yet read).
+    pub fn into_parts(self) -> (Socket, Option<TlsConn>, Vec<u8>, Vec<v5::Packet>) {
+        let (sock, tls) = self.stream.into_parts();
+        (sock, tls, self.buf, self.pending.into_iter().collect())
     }
 
     fn write(&mut self, b: &[u8]) -> io::Result<()> {
@@ -502,6 +511,11 @@ pub struct SubArgs {
     /// Exit after this many messages.
     #[arg(short = 'C', long = "count")]
     pub count: Option<u64>,
+    /// Print each message's topic before it (mosquitto_sub's -v). Here -v does not raise the
+    /// log level; RUST_LOG=socklab=debug does.
+    // Same id as the global -v, so that it takes its place in this subcommand.
+    #[arg(short = 'v', long = "verbose", id = "verbose", action = clap::ArgAction::Count)]
+    pub print_topics: u8,
     /// Protocol version: 5, 311 or 31.
     #[arg(short = 'V', long = "protocol-version", value_parser = parse_version, default_value = "311")]
     pub version: Version,
@@ -570,12 +584,12 @@ pub fn run_pub(a: &PubArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `socklab bus sub`; `print_topic` is the global `-v`, which here means what it means to
-/// mosquitto_sub: print each message's topic before it.
+/// `socklab bus sub`.
 ///
 /// # Errors
 /// Connection failures, refusals, bad filters.
-pub fn run_sub(a: &SubArgs, print_topic: bool) -> anyhow::Result<()> {
+pub fn run_sub(a: &SubArgs) -> anyhow::Result<()> {
+    let print_topic = a.print_topics > 0;
     let ep = bus_endpoint(a.bus.as_deref());
     let client_id = a.client_id.clone().unwrap_or_else(|| {
         if a.version.is_v5() && !a.persistent {

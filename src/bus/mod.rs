@@ -82,9 +82,12 @@ pub struct ServeArgs {
     /// Bytes queued per client.
     #[arg(long, value_parser = parse_size, default_value = "16M")]
     pub max_queued_bytes: usize,
-    /// Bytes queued for all clients together (the global memory cap of queues).
+    /// Bytes of queued and retained messages together (the global memory cap).
     #[arg(long, value_parser = parse_size, default_value = "1G")]
     pub max_memory: usize,
+    /// Sessions kept, connected or offline (past it a new client is refused, 0x97).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub max_sessions: usize,
     /// QoS 1/2 messages in flight to one client.
     #[arg(long, default_value_t = 20)]
     pub max_inflight: u16,
@@ -94,6 +97,9 @@ pub struct ServeArgs {
     /// Longest keep-alive accepted (longer or none: the server's keep-alive is imposed).
     #[arg(long)]
     pub max_keep_alive: Option<u16>,
+    /// Subscriptions one client may hold (past it, SUBACK says quota exceeded).
+    #[arg(long, default_value_t = 10_000)]
+    pub max_subscriptions: usize,
     /// How often $SYS/broker/... is published.
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     pub sys_interval: Duration,
@@ -138,11 +144,22 @@ pub struct ServeArgs {
     pub tls_identity: auth::tls::CertIdentity,
 }
 
+/// The log level `-v` asks for: none in `bus sub`, where `-v` prints topics (as with
+/// mosquitto_sub).
+pub fn log_verbosity(args: &BusArgs, verbose: u8) -> u8 {
+    match args.command {
+        BusCommand::Sub(_) => 0,
+        _ => verbose,
+    }
+}
+
 /// Run `socklab bus ...`.
 ///
 /// # Errors
 /// User mistakes ([`crate::client::UsageError`], [`crate::net::NetError`]) and failures.
 pub fn run(args: &BusArgs, verbose: u8) -> anyhow::Result<()> {
+    // The log level was set from -v already (see `log_verbosity`); `bus sub` reads its own.
+    let _ = verbose;
     match &args.command {
         BusCommand::Serve(a) => {
             let cfg = server::ServeConfig {
@@ -160,8 +177,10 @@ pub fn run(args: &BusArgs, verbose: u8) -> anyhow::Result<()> {
                     max_queued: a.max_queued,
                     max_queued_bytes: a.max_queued_bytes,
                     max_total_bytes: a.max_memory,
+                    max_sessions: a.max_sessions,
                     max_packet: a.max_packet.min(u32::MAX as usize) as u32,
                     max_keep_alive: a.max_keep_alive,
+                    max_subscriptions: a.max_subscriptions,
                     sys_interval: a.sys_interval,
                     ..Default::default()
                 },
@@ -192,7 +211,7 @@ pub fn run(args: &BusArgs, verbose: u8) -> anyhow::Result<()> {
             server::run(cfg)
         }
         BusCommand::Pub(a) => client::run_pub(a),
-        BusCommand::Sub(a) => client::run_sub(a, verbose > 0),
+        BusCommand::Sub(a) => client::run_sub(a),
         BusCommand::Bench(a) => bench::run(a),
         BusCommand::Passwd(a) => auth::passwd::run(a),
     }

@@ -54,6 +54,9 @@ const READ_BUF: usize = 64 * 1024;
 const READS_PER_ROUND: usize = 4;
 /// Output bytes a connection may have waiting before QoS 0 deliveries to it are dropped.
 const QOS0_OUT_CAP: usize = 4 << 20;
+/// Connections over `--max-connections` answered with a refusing CONNACK at a time (more are
+/// closed at once).
+const MAX_REFUSING: usize = 256;
 /// Output bytes above which a connection's input is not read until it drains.
 const OUT_BACKPRESSURE: usize = 8 << 20;
 
@@ -133,8 +136,9 @@ struct Shared {
     gate: Arc<Gate>,
     stats: Arc<super::broker::Stats>,
     loops: Vec<LoopShared>,
-    store: Option<mpsc::Sender<StoreBatch>>,
     active: AtomicUsize,
+    /// Connections over `--max-connections` being answered CONNACK "quota exceeded".
+    refusing: AtomicUsize,
     cfg: ServeConfig,
 }
 
@@ -156,6 +160,10 @@ impl Shared {
             return;
         }
         let n = self.loops.len();
+        if n == 1 {
+            mine.extend(outs);
+            return;
+        }
         let mut per: Vec<Vec<(ConnId, Out)>> = (0..n).map(|_| Vec::new()).collect();
         for (id, o) in outs {
             let l = loop_of(id);
@@ -206,12 +214,17 @@ impl Shared {
     }
 }
 
+/// A connection on a loop. Its peer's address is not kept (it is asked of the socket when a
+/// log line needs it): idle connections are what a broker has most of.
 struct Conn {
     id: ConnId,
     sock: Socket,
     session: Session,
     sent: usize,
-    peer: String,
+    /// Over `--max-connections`: its CONNECT gets a refusing CONNACK.
+    refused: bool,
+    /// Already in this round's list of connections to flush.
+    marked: bool,
     peer_uid: Option<u32>,
     /// TLS, for a connection that came through the TLS listener.
     tls: Option<Box<TlsConn>>,
@@ -337,8 +350,8 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         broker: Mutex::new(broker),
         gate: gate.clone(),
         loops,
-        store: store_tx,
         active: AtomicUsize::new(0),
+        refusing: AtomicUsize::new(0),
         cfg: cfg.clone(),
     });
     {
@@ -376,12 +389,16 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
                 unix: unix_sock.as_ref(),
             };
             let sig = signals.fd();
+            // Each loop has its own sender: when the loops are gone, the store thread's
+            // channel closes and it finishes.
+            let store = store_tx.clone();
             handles.push(
                 std::thread::Builder::new()
                     .name(format!("bus-loop-{i}"))
-                    .spawn_scoped(scope, move || event_loop(i, &sh, listeners, sig)),
+                    .spawn_scoped(scope, move || event_loop(i, &sh, store, listeners, sig)),
             );
         }
+        drop(store_tx);
         let mut result: io::Result<()> = Ok(());
         for h in handles {
             match h {
@@ -397,8 +414,6 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     });
     // The loops are gone: let the store finish what it was given, then stop.
     gate.stop();
-    let shared = Arc::try_unwrap(shared).ok();
-    drop(shared);
     if let Some(t) = store_thread {
         let _ = t.join();
     }
@@ -434,6 +449,32 @@ fn store_loop(store: Store, rx: mpsc::Receiver<StoreBatch>, shared: &Arc<Shared>
     }
 }
 
+/// Queue connection `t`'s deadline if it is earlier than the one queued (a later one is
+/// re-armed lazily when the queued one comes up); drop the queued one if it has none (no
+/// keep-alive: the CONNECT deadline goes now, not when it comes up).
+fn arm(timers: &mut Timers<usize>, c: &mut Conn, t: usize) {
+    match c.session.deadline() {
+        Some(d) if c.deadline.is_none_or(|q| d < q) => {
+            if let Some(old) = c.deadline.replace(d) {
+                timers.remove(old, t);
+            }
+            timers.insert(d, t);
+        }
+        None => {
+            if let Some(old) = c.deadline.take() {
+                timers.remove(old, t);
+            }
+        }
+        Some(_) => {}
+    }
+}
+
+/// The peer's address, for logs and the broker's identity.
+fn peer(sock: &Socket) -> String {
+    sock.peer_addr()
+        .map_or_else(|_| "(gone)".to_string(), |a| display_addr(&a))
+}
+
 fn flags() -> EpollFlags {
     EpollFlags::EPOLLIN | EpollFlags::EPOLLOUT | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLET
 }
@@ -441,9 +482,10 @@ fn flags() -> EpollFlags {
 struct Loop<'a> {
     index: usize,
     shared: &'a Shared,
+    store: Option<mpsc::Sender<StoreBatch>>,
     epoll: Epoll,
     conns: Slab<Conn>,
-    timers: Timers<(Instant, usize)>,
+    timers: Timers<usize>,
     generation: u64,
     events: Vec<(ConnId, Inbound)>,
     closed: Vec<(ConnId, bool)>,
@@ -463,6 +505,7 @@ struct Listeners<'a> {
 fn event_loop(
     index: usize,
     shared: &Shared,
+    store: Option<mpsc::Sender<StoreBatch>>,
     listeners: Listeners<'_>,
     signal: BorrowedFd<'_>,
 ) -> io::Result<()> {
@@ -492,6 +535,7 @@ fn event_loop(
     let mut lp = Loop {
         index,
         shared,
+        store,
         epoll,
         conns: Slab::new(),
         timers: Timers::new(),
@@ -547,6 +591,9 @@ fn event_loop(
                     signals::drain_fd(signal);
                     if signals::stop_requested() {
                         stopping = true;
+                        // The byte this loop drained was every loop's: put one back so
+                        // that the others wake and stop too.
+                        signals::request_stop();
                     }
                     if signals::take_reload() {
                         lp.reload(now);
@@ -574,7 +621,7 @@ fn event_loop(
             }
         }
         if stopping {
-            lp.shutdown(&[tcp, tls, unix]);
+            lp.shutdown(&[tcp, tls, unix], now);
             return Ok(());
         }
         // Stalled readers whose reason cleared.
@@ -600,10 +647,19 @@ impl Loop<'_> {
                 },
             };
             let max = self.shared.cfg.max_connections;
+            let mut refused = false;
             if self.shared.active.fetch_add(1, Ordering::Relaxed) >= max {
                 self.shared.active.fetch_sub(1, Ordering::Relaxed);
-                tracing::warn!(peer = %display_addr(&addr), max, "connection limit reached: closing new connection");
-                continue;
+                // Over the limit: its CONNECT is answered "quota exceeded" (3.1.1: "server
+                // unavailable") so the client knows why; past a few of those at a time, the
+                // connection is just closed.
+                if self.shared.refusing.fetch_add(1, Ordering::Relaxed) >= MAX_REFUSING {
+                    self.shared.refusing.fetch_sub(1, Ordering::Relaxed);
+                    tracing::warn!(peer = %display_addr(&addr), max, "connection limit reached: closing new connection");
+                    continue;
+                }
+                tracing::warn!(peer = %display_addr(&addr), max, "connection limit reached: refusing the CONNECT");
+                refused = true;
             }
             let peer_uid = if addr.is_unix() {
                 nix::sys::socket::getsockopt(&sock, nix::sys::socket::sockopt::PeerCredentials)
@@ -631,7 +687,8 @@ impl Loop<'_> {
                 sock,
                 session,
                 sent: 0,
-                peer: display_addr(&addr),
+                refused,
+                marked: false,
                 peer_uid,
                 tls,
                 auth_wait: false,
@@ -649,7 +706,7 @@ impl Loop<'_> {
             conn.id =
                 ((self.index as u64) << 56) | ((self.generation & 0xff_ffff) << 32) | t as u64;
             if let Some(d) = deadline {
-                self.timers.insert(d, (d, t));
+                self.timers.insert(d, t);
             }
             if let Err(e) = self
                 .epoll
@@ -659,7 +716,7 @@ impl Loop<'_> {
                 self.drop_conn(t, true);
                 continue;
             }
-            tracing::debug!(peer = %self.conns.get_mut(t).map_or("", |c| &c.peer), "bus connection open");
+            tracing::debug!(peer = %display_addr(&addr), "bus connection open");
             self.read(t, now);
         }
     }
@@ -703,6 +760,20 @@ impl Loop<'_> {
                     let mut fresh = Vec::new();
                     let r = c.session.receive(&self.buf[..n], now, &mut fresh);
                     for e in fresh {
+                        if c.refused {
+                            if let Inbound::Connect(..) = e {
+                                let code = mqtt_proto::v5::ConnectReasonCode::QuotaExceeded;
+                                let mut ack = mqtt_proto::v5::Connack::new(false, code);
+                                ack.properties.reason_string =
+                                    Some("the server's connection limit is reached".into());
+                                c.session.send(&mqtt_proto::v5::Packet::Connack(ack));
+                                c.closing = true;
+                                c.readable = false;
+                                self.dirty.push(t);
+                                return;
+                            }
+                            continue;
+                        }
                         if let Inbound::Packet(mqtt_proto::v5::Packet::Disconnect(_)) = &e {
                             c.abnormal = false;
                         }
@@ -711,18 +782,10 @@ impl Loop<'_> {
                     if !c.session.out.is_empty() {
                         self.dirty.push(t);
                     }
-                    // CONNECT replaces the connect timeout by the keep-alive deadline, which
-                    // may be earlier: queue it (later ones are re-armed lazily).
-                    if let Some(d) = c.session.deadline() {
-                        if c.deadline.is_none_or(|q| d < q) {
-                            if let Some(old) = c.deadline.replace(d) {
-                                self.timers.remove(old, (old, t));
-                            }
-                            self.timers.insert(d, (d, t));
-                        }
-                    }
+                    // CONNECT replaces the connect timeout by the keep-alive deadline.
+                    arm(&mut self.timers, c, t);
                     if let Err(v) = r {
-                        tracing::info!(peer = %c.peer, reason = ?v.reason, "protocol violation: {}", v.message);
+                        tracing::info!(peer = %peer(&c.sock), reason = ?v.reason, "protocol violation: {}", v.message);
                         c.session.violation(&v);
                         c.closing = true;
                         c.readable = false;
@@ -745,7 +808,7 @@ impl Loop<'_> {
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    tracing::debug!(peer = %c.peer, "recv: {e}");
+                    tracing::debug!(peer = %peer(&c.sock), "recv: {e}");
                     c.readable = false;
                     c.closing = true;
                     c.session.out.clear();
@@ -764,7 +827,7 @@ impl Loop<'_> {
     /// Keep-alive and CONNECT deadlines (re-armed lazily: a connection that spoke since its
     /// deadline was queued gets a new one).
     fn expire(&mut self, now: Instant) {
-        while let Some((_, (at, t))) = self.timers.pop_due(now) {
+        while let Some((at, t)) = self.timers.pop_due(now) {
             let Some(c) = self.conns.get_mut(t) else {
                 continue;
             };
@@ -774,10 +837,10 @@ impl Loop<'_> {
             match c.session.deadline() {
                 Some(d) if d > now => {
                     c.deadline = Some(d);
-                    self.timers.insert(d, (d, t));
+                    self.timers.insert(d, t);
                 }
                 Some(_) => {
-                    tracing::info!(peer = %c.peer, "keep-alive expired: closing");
+                    tracing::info!(peer = %peer(&c.sock), "keep-alive expired: closing");
                     c.deadline = None;
                     c.session.disconnect(Drc::KeepAliveTimeout);
                     c.closing = true;
@@ -847,18 +910,7 @@ impl Loop<'_> {
             if tick {
                 *next_tick = b.tick(now);
             }
-            let ops = std::mem::take(&mut b.ops);
-            let gated = std::mem::take(&mut b.gated);
-            let outs = std::mem::take(&mut b.out);
-            if let Some(store) = &self.shared.store {
-                if !ops.is_empty() || !gated.is_empty() {
-                    // Sent under the broker lock so the store sees changes in their order.
-                    let _ = store.send((ops, gated));
-                }
-            } else {
-                self.shared.append(gated, self.index, &mut mine, &mut wake);
-            }
-            self.shared.append(outs, self.index, &mut mine, &mut wake);
+            self.hand_out(&mut b, &mut mine, &mut wake);
         }
         for l in wake {
             self.shared.loops[l].wake();
@@ -883,7 +935,7 @@ impl Loop<'_> {
         let login = Login {
             username: connect.username.clone(),
             password: connect.password.clone(),
-            peer: c.peer.clone(),
+            peer: peer(&c.sock),
             peer_uid: c.peer_uid,
             cert_user: c
                 .tls
@@ -932,7 +984,7 @@ impl Loop<'_> {
             Ok((username, verified)) => {
                 c.announced = true;
                 let identity = Identity {
-                    peer: c.peer.clone(),
+                    peer: peer(&c.sock),
                     peer_uid: c.peer_uid,
                     username,
                     verified,
@@ -942,7 +994,7 @@ impl Loop<'_> {
                 true
             }
             Err(r) => {
-                tracing::info!(peer = %c.peer, code = ?r.code, "connection refused: {}", r.why);
+                tracing::info!(peer = %peer(&c.sock), code = ?r.code, "connection refused: {}", r.why);
                 c.session.send(&mqtt_proto::v5::Packet::Connack(
                     mqtt_proto::v5::Connack::new(false, r.code),
                 ));
@@ -970,20 +1022,30 @@ impl Loop<'_> {
         {
             let mut b = self.shared.broker.lock().unwrap_or_else(|e| e.into_inner());
             b.set_authorizer(policy, now);
-            let outs = std::mem::take(&mut b.out);
-            if let Some(store) = &self.shared.store {
-                let ops = std::mem::take(&mut b.ops);
-                if !ops.is_empty() {
-                    let _ = store.send((ops, Vec::new()));
-                }
-            }
-            self.shared.append(outs, self.index, &mut mine, &mut wake);
+            self.hand_out(&mut b, &mut mine, &mut wake);
         }
         for l in wake {
             self.shared.loops[l].wake();
         }
         self.apply(mine);
         tracing::info!("reloaded the password and ACL files");
+    }
+
+    /// Under the broker lock: the round's changes to the store (with the acknowledgements
+    /// that wait for them), the outputs to the loops they belong to.
+    fn hand_out(&self, b: &mut Broker, mine: &mut Vec<(ConnId, Out)>, wake: &mut Vec<usize>) {
+        let ops = std::mem::take(&mut b.ops);
+        let gated = std::mem::take(&mut b.gated);
+        let outs = std::mem::take(&mut b.out);
+        if let Some(store) = &self.store {
+            if !ops.is_empty() || !gated.is_empty() {
+                // Sent under the broker lock so the store sees changes in their order.
+                let _ = store.send((ops, gated));
+            }
+        } else {
+            self.shared.append(gated, self.index, mine, wake);
+        }
+        self.shared.append(outs, self.index, mine, wake);
     }
 
     fn take_inbox(&mut self) {
@@ -1000,13 +1062,19 @@ impl Loop<'_> {
     /// Encode outputs for this loop's connections.
     fn apply(&mut self, items: Vec<(ConnId, Out)>) {
         let stats = &self.shared.stats;
+        let now = Instant::now();
+        let mut sent = 0;
         for (id, o) in items {
             let t = (id & 0xffff_ffff) as usize;
             let Some(c) = self.conns.get_mut(t).filter(|c| c.id == id) else {
                 continue;
             };
             match o {
-                Out::Packet(p) => c.session.send(&p),
+                Out::Packet(p) => {
+                    c.session.send(&p);
+                    // A CONNACK's Server Keep Alive may have set (or shortened) it.
+                    arm(&mut self.timers, c, t);
+                }
                 Out::Publish(d) => {
                     if c.closing {
                         continue;
@@ -1022,11 +1090,9 @@ impl Loop<'_> {
                         retain: d.retain,
                         sub_ids: &d.sub_ids,
                         alias: None,
-                        expiry: d.msg.expiry_left(Instant::now()),
+                        expiry: d.msg.expiry_left(now),
                     };
-                    if c.session.deliver(&d.msg, h) {
-                        stats.msgs_out.fetch_add(1, Ordering::Relaxed);
-                    }
+                    sent += c.session.deliver(&d.msg, h) as u64;
                 }
                 Out::Close(reason) => {
                     if let Some(r) = reason {
@@ -1038,8 +1104,13 @@ impl Loop<'_> {
                     c.readable = false;
                 }
             }
-            self.dirty.push(t);
+            // Once per connection per round, however many deliveries it got.
+            if !c.marked {
+                c.marked = true;
+                self.dirty.push(t);
+            }
         }
+        stats.msgs_out.fetch_add(sent, Ordering::Relaxed);
     }
 
     /// Send what each connection has waiting (one `send` per connection per round); close
@@ -1052,6 +1123,7 @@ impl Loop<'_> {
             let Some(c) = self.conns.get_mut(t) else {
                 continue;
             };
+            c.marked = false;
             let mut failed = false;
             while c.sent < c.session.out.len() {
                 let r = match &mut c.tls {
@@ -1069,7 +1141,7 @@ impl Loop<'_> {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => {
-                        tracing::debug!(peer = %c.peer, "send: {e}");
+                        tracing::debug!(peer = %peer(&c.sock), "send: {e}");
                         failed = true;
                         break;
                     }
@@ -1084,7 +1156,7 @@ impl Loop<'_> {
                     Ok(()) => {}
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => {
-                        tracing::debug!(peer = %c.peer, "TLS send: {e}");
+                        tracing::debug!(peer = %peer(&c.sock), "TLS send: {e}");
                         failed = true;
                     }
                 }
@@ -1093,7 +1165,9 @@ impl Loop<'_> {
             if c.sent == c.session.out.len() {
                 c.sent = 0;
                 c.session.out.clear();
-                if c.session.out.capacity() > (256 << 10) {
+                // A large buffer is not kept for a burst that passed, nor a small one for a
+                // connection that may now sit idle (a CONNACK, a PINGRESP).
+                if c.session.out.capacity() > (256 << 10) || c.session.out.capacity() <= 64 {
                     c.session.out = Vec::new();
                 }
                 if c.readable {
@@ -1112,35 +1186,93 @@ impl Loop<'_> {
             return;
         };
         if let Some(d) = c.deadline {
-            self.timers.remove(d, (d, t));
+            self.timers.remove(d, t);
+        }
+        if c.refused {
+            self.shared.refusing.fetch_sub(1, Ordering::Relaxed);
+            return;
         }
         self.shared.active.fetch_sub(1, Ordering::Relaxed);
-        tracing::debug!(peer = %c.peer, "bus connection closed");
+        tracing::debug!(peer = %peer(&c.sock), "bus connection closed");
         if c.announced || c.session.phase() != Phase::AwaitConnect {
             self.closed.push((c.id, abnormal));
         }
     }
 
-    /// Stop: no more accepts, 5.0 clients are told the server is shutting down, every
-    /// connection is flushed (briefly) and closed.
-    fn shutdown(&mut self, listeners: &[Option<&Socket>]) {
+    /// Stop: no more accepts; the broker ends every session's connection as lost (wills go
+    /// out, to connections still open too); 5.0 clients are told the server is shutting
+    /// down; what is queued is flushed for up to a second, then every connection is closed
+    /// (TLS ones after a close_notify).
+    fn shutdown(&mut self, listeners: &[Option<&Socket>], now: Instant) {
         for l in listeners.iter().flatten() {
             let _ = self.epoll.delete(l);
         }
-        for t in self.conns.tokens() {
+        let mut mine = Vec::new();
+        let mut wake = Vec::new();
+        {
+            let mut b = self.shared.broker.lock().unwrap_or_else(|e| e.into_inner());
+            mine.append(
+                &mut self.shared.loops[self.index]
+                    .inbox
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()),
+            );
+            // Every loop does this; the first one ends all sessions, the later ones what
+            // connected since (a repeated call finds nothing else to do).
+            b.shutdown(now);
+            self.hand_out(&mut b, &mut mine, &mut wake);
+        }
+        for l in wake {
+            self.shared.loops[l].wake();
+        }
+        self.apply(mine);
+        let tokens = self.conns.tokens();
+        for &t in &tokens {
             if let Some(c) = self.conns.get_mut(t) {
                 c.session.disconnect(Drc::ServerShuttingDown);
-                match &mut c.tls {
-                    Some(tls) => {
-                        let _ = tls.send(&c.sock, &c.session.out[c.sent..]);
-                        tls.close();
-                        let _ = tls.flush(&c.sock);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(1);
+        loop {
+            let mut left = false;
+            for &t in &tokens {
+                let Some(c) = self.conns.get_mut(t) else {
+                    continue;
+                };
+                while c.sent < c.session.out.len() {
+                    let r = match &mut c.tls {
+                        Some(tls) => tls.send(&c.sock, &c.session.out[c.sent..]),
+                        None => c.sock.send(&c.session.out[c.sent..]),
+                    };
+                    match r {
+                        Ok(n) => c.sent += n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            left = true;
+                            break;
+                        }
+                        Err(_) => {
+                            c.sent = c.session.out.len(); // gone: nothing more to do
+                        }
                     }
-                    None => {
-                        let _ = c.sock.send(&c.session.out[c.sent..]);
+                }
+                if let Some(tls) = &mut c.tls {
+                    if c.sent == c.session.out.len() && !c.close_notify {
+                        c.close_notify = true;
+                        tls.close();
+                    }
+                    match tls.flush(&c.sock) {
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => left = true,
+                        _ => {}
                     }
                 }
             }
+            if !left || Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for t in tokens {
             self.conns.remove(t);
         }
     }

@@ -162,10 +162,11 @@ pub fn cert_user(cert: &CertificateDer<'_>, mode: CertIdentity) -> Option<String
     }
 }
 
-/// One server-side TLS connection over a non-blocking socket.
+/// One TLS connection over a non-blocking socket: the broker's side of a client's, or a
+/// client's (the load generator drives many at once).
 #[derive(Debug)]
 pub struct TlsConn {
-    conn: ServerConnection,
+    conn: rustls::Connection,
     /// The peer closed (TCP end or close_notify).
     eof: bool,
 }
@@ -177,7 +178,18 @@ impl TlsConn {
     /// rustls refused the configuration.
     pub fn new(cfg: &Arc<ServerConfig>) -> io::Result<TlsConn> {
         let conn = ServerConnection::new(cfg.clone()).map_err(io::Error::other)?;
-        Ok(TlsConn { conn, eof: false })
+        Ok(TlsConn {
+            conn: conn.into(),
+            eof: false,
+        })
+    }
+
+    /// A client connection, handshake done or under way (from [`Stream::into_parts`]).
+    pub fn client(conn: ClientConnection) -> TlsConn {
+        TlsConn {
+            conn: conn.into(),
+            eof: false,
+        }
     }
 
     /// Whether the handshake is still going on.
@@ -309,6 +321,17 @@ impl Stream {
         })?;
         let conn = ClientConnection::new(cfg, name)?;
         Ok(Stream::Tls(Box::new(rustls::StreamOwned::new(conn, sock))))
+    }
+
+    /// The socket and, for TLS, the connection state, to be driven without blocking.
+    pub fn into_parts(self) -> (Socket, Option<TlsConn>) {
+        match self {
+            Stream::Plain(s) => (s, None),
+            Stream::Tls(t) => {
+                let rustls::StreamOwned { conn, sock } = *t;
+                (sock, Some(TlsConn::client(conn)))
+            }
+        }
     }
 
     /// The socket underneath (for timeouts and shutdown).
