@@ -18,7 +18,8 @@ cd "$(dirname "$0")/.."
 source benches/lib.sh
 command -v mosquitto >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients >/dev/null; }
 command -v openssl >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null; }
-bin=$(socklab_build)
+socklab=$(socklab_build)
+bin=$socklab
 rounds=${ROUNDS:-3}
 secs=${SECS:-5}
 
