@@ -91,6 +91,7 @@ fn the_quick_start_runs_as_written() {
         "experiments: 32 match the course",         // lab all
         "verified (sequence + CRC-32)",             // socklab ipc
         "lost 0  duplicates 0",                     // socklab bus bench
+        "\nrefused\n",                              // a wrong password, on the guarded bus
         "owns com.example.Greeter\nHello, world\n", // socklab bus own, bus call
     ] {
         assert!(stdout.contains(expect), "no {expect:?} in:\n{stdout}");

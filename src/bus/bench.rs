@@ -28,6 +28,7 @@
 //! A thousand connections cost a thousand sockets, not a thousand threads: on a small machine
 //! the broker is measured, not the scheduling of the generator's threads.
 
+use super::auth::tls::TlsConn;
 use super::client::{bus_endpoint, parse_version, Client, ConnectOptions};
 use super::codec::{self, Message, PublishHeader, Version};
 use crate::timer::Timers;
@@ -109,6 +110,9 @@ pub struct BenchArgs {
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+    /// User name, password, TLS (every connection uses them).
+    #[command(flatten)]
+    pub login: super::client::LoginArgs,
 }
 
 /// What one publisher's messages looked like at one receiver.
@@ -303,6 +307,8 @@ enum Role {
 
 struct Conn {
     sock: Socket,
+    /// TLS state (`--tls`).
+    tls: Option<Box<TlsConn>>,
     role: Role,
     /// Bytes of an incomplete packet.
     inbuf: Vec<u8>,
@@ -334,6 +340,8 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
     }
     crate::bench::raise_fd_limit();
     let ep = bus_endpoint(a.bus.as_deref());
+    let mut base = ConnectOptions::default();
+    a.login.apply(&mut base)?;
     let n = a.count.max(1);
     let (pubs, subs) = match a.scenario {
         Scenario::Pairs => (n, n),
@@ -384,7 +392,7 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
             version: a.version,
             client_id: format!("bench-{run_id}-s{s}"),
             keep_alive: KEEP_ALIVE,
-            ..Default::default()
+            ..base.clone()
         };
         let (mut c, _) = Client::connect(&ep, &o)?;
         let codes = c.subscribe(&[filter_of(a.scenario, s)], qos)?;
@@ -399,7 +407,7 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
             version: a.version,
             client_id: format!("bench-{run_id}-p{p}"),
             keep_alive: KEEP_ALIVE,
-            ..Default::default()
+            ..base.clone()
         };
         let (c, _) = Client::connect(&ep, &o)?;
         let msg = Message {
@@ -560,12 +568,13 @@ fn open_all(
     for slot in slots {
         match slot.into_inner().unwrap_or_else(|e| e.into_inner()) {
             Some(Ok((client, role))) => {
-                let (sock, inbuf, pending) = client.into_parts();
+                let (sock, tls, inbuf, pending) = client.into_parts();
                 sock.set_nonblocking(true)?;
                 sock.set_read_timeout(None)?;
                 conns.push((
                     Conn {
                         sock,
+                        tls: tls.map(Box::new),
                         role,
                         inbuf,
                         out: Vec::new(),
@@ -655,9 +664,13 @@ fn drive(
     let mut stop_deadline = None;
     loop {
         if shared.done.load(Ordering::Acquire) {
-            for c in lp.conns.iter().filter(|c| !c.dead) {
+            for c in lp.conns.iter_mut().filter(|c| !c.dead) {
                 if let Role::Sub { .. } = c.role {
-                    let _ = c.sock.send(&[0xe0, 0]); // DISCONNECT, best effort
+                    // DISCONNECT, best effort
+                    let _ = match &mut c.tls {
+                        Some(tls) => tls.send(&c.sock, &[0xe0, 0]),
+                        None => c.sock.send(&[0xe0, 0]),
+                    };
                 }
             }
             return Ok(lp.hist);
@@ -751,7 +764,12 @@ impl Loop<'_> {
             if self.conns[i].dead {
                 return false;
             }
-            match crate::model::recv(&self.conns[i].sock, buf, 0) {
+            let c = &mut self.conns[i];
+            let r = match &mut c.tls {
+                Some(tls) => tls.recv(&c.sock, buf),
+                None => crate::model::recv(&c.sock, buf, 0),
+            };
+            match r {
                 Ok(0) => {
                     let c = &mut self.conns[i];
                     if matches!(&c.role, Role::Pub(p) if p.finished) {
@@ -1032,8 +1050,20 @@ impl Loop<'_> {
                 continue;
             }
             let mut err = None;
-            while c.off < c.out.len() {
-                match c.sock.send(&c.out[c.off..]) {
+            if let Some(tls) = &mut c.tls {
+                // What rustls holds goes first.
+                match tls.flush(&c.sock) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => err = Some(e.to_string()),
+                }
+            }
+            while err.is_none() && c.off < c.out.len() {
+                let r = match &mut c.tls {
+                    Some(tls) => tls.send(&c.sock, &c.out[c.off..]),
+                    None => c.sock.send(&c.out[c.off..]),
+                };
+                match r {
                     Ok(n) => c.off += n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

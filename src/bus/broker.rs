@@ -46,6 +46,22 @@ pub struct Identity {
     pub username: Option<Arc<str>>,
     /// The client identifier (assigned if the client sent none).
     pub client_id: Arc<str>,
+    /// How the user name was established (see [`super::auth::Gate`]).
+    pub verified: Verified,
+}
+
+/// How a user name was established.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Verified {
+    /// Taken from CONNECT as given (no password file), or no user name.
+    #[default]
+    None,
+    /// CONNECT's password matched the password file.
+    Password,
+    /// A verified TLS client certificate.
+    Certificate,
+    /// The Unix-socket peer's uid (`SO_PEERCRED`).
+    PeerCred,
 }
 
 /// Decides who may connect, publish and subscribe.
@@ -57,7 +73,7 @@ pub trait Authorizer: Send + Sync + std::fmt::Debug {
     fn connect(&self, who: &Identity, password: Option<&[u8]>) -> Result<(), Crc>;
     /// May it publish to `topic`?
     fn publish(&self, who: &Identity, topic: &str) -> bool;
-    /// May it subscribe to `filter`?
+    /// May it subscribe to `filter` (without a `$share/GROUP/` prefix)?
     fn subscribe(&self, who: &Identity, filter: &str) -> bool;
     /// May it own (or wait in the queue for) the well-known bus name `name`? Asked by
     /// `RequestName` before the registry changes (the D-Bus half, [`super::dbus`]).
@@ -75,6 +91,17 @@ pub trait Authorizer: Send + Sync + std::fmt::Debug {
         member: &str,
     ) -> bool {
         let _ = (who, destination, interface, member);
+        true
+    }
+    /// For a granted subscription: must each delivery through it be checked with
+    /// [`Authorizer::read`] (a rule forbids part of what the filter matches)?
+    fn subscribe_filtered(&self, who: &Identity, filter: &str) -> bool {
+        let _ = (who, filter);
+        false
+    }
+    /// May it receive a message published to `topic`?
+    fn read(&self, who: &Identity, topic: &str) -> bool {
+        let _ = (who, topic);
         true
     }
 }
@@ -323,6 +350,8 @@ struct Client {
     subs: Subs,
     flow: Option<Box<Flow>>,
     will: Option<Box<Will>>,
+    /// Some subscription needs each delivery checked ([`Authorizer::subscribe_filtered`]).
+    filtered: bool,
 }
 
 impl Client {
@@ -337,6 +366,22 @@ impl Client {
 
     fn inflight_len(&self) -> usize {
         self.flow.as_ref().map_or(0, |f| f.inflight.len())
+    }
+
+    /// When an offline session's connection ended, as far as its deadlines tell (its expiry,
+    /// or its delayed will); `None` for a connected session, or one with neither.
+    fn offline_since(&self) -> Option<Instant> {
+        if self.conn.is_some() {
+            return None;
+        }
+        let by_expiry = self
+            .expires_at
+            .and_then(|at| at.checked_sub(Duration::from_secs(self.expiry as u64)));
+        by_expiry.or_else(|| {
+            let w = self.will.as_ref()?;
+            w.at?
+                .checked_sub(Duration::from_secs(w.delay.min(self.expiry) as u64))
+        })
     }
 
     /// The session as the store keeps it (`offline_since`: when its connection ended).
@@ -582,6 +627,7 @@ impl Broker {
             window: self.cfg.max_inflight.max(1),
             flow: None,
             will: None,
+            filtered: false,
         });
         self.by_id.insert(id, ix);
         ix
@@ -645,7 +691,9 @@ impl Broker {
             c.client_id.clone()
         };
         identity.client_id = id.clone();
-        identity.username = c.username.clone();
+        if identity.username.is_none() {
+            identity.username = c.username.clone().filter(|u| !u.is_empty());
+        }
         if let Some(method) = &c.properties.auth_method {
             // Enhanced authentication (AUTH exchanges) is not offered: no method is known.
             tracing::info!(client = %id, peer = %identity.peer, %method, "connection refused: unknown authentication method");
@@ -670,6 +718,12 @@ impl Broker {
         if let Err(code) = self.auth.connect(&identity, c.password.as_deref()) {
             tracing::info!(client = %id, peer = %identity.peer, ?code, "connection refused");
             return refuse(self, code, "not authorized");
+        }
+        if let Some(w) = &c.last_will {
+            if !self.auth.publish(&identity, &w.topic_name) {
+                tracing::info!(client = %id, topic = %&*w.topic_name, "connection refused: the will's topic is not writable");
+                return refuse(self, Crc::NotAuthorized, "the will's topic is not writable");
+            }
         }
         let expiry = if version.is_v5() {
             c.properties.session_expiry_interval.unwrap_or(0)
@@ -789,7 +843,66 @@ impl Broker {
         // NameOwnerChanged for the new unique name, after the CONNACK.
         self.flush_bus(now);
         if present {
+            // The session may have been made by another user: what it may no longer
+            // have goes before anything is resent.
+            self.recheck(ix);
             self.resume(ix, now);
+        }
+    }
+
+    /// Replace the authorizer (SIGHUP reread the files): connected clients it refuses are
+    /// disconnected (5.0: reason 0x87), and every session loses the subscriptions it may no
+    /// longer have.
+    pub fn set_authorizer(&mut self, auth: Arc<dyn Authorizer>, now: Instant) {
+        self.auth = auth;
+        let mut refused = Vec::new();
+        for ix in self.clients.tokens() {
+            let c = self.clients.get(ix).expect("listed");
+            if let Some(conn) = c.conn {
+                if self.auth.connect(&c.identity, None).is_err() {
+                    refused.push(conn);
+                }
+            }
+            self.recheck(ix);
+        }
+        for conn in refused {
+            tracing::info!(conn, "disconnected: no longer authorized");
+            self.send(conn, Out::Close(Some(Drc::NotAuthorized)));
+            self.closed(conn, false, now);
+        }
+    }
+
+    /// Check session `ix`'s subscriptions against its identity: drop those refused, and
+    /// note whether deliveries must be checked one by one.
+    fn recheck(&mut self, ix: ClientIx) {
+        let Some(c) = self.clients.get_mut(ix) else {
+            return;
+        };
+        let mut gone = Vec::new();
+        let mut filtered = false;
+        for (f, _) in c.subs.iter() {
+            let Some(pf) = parse_filter(f) else {
+                continue;
+            };
+            if !self.auth.subscribe(&c.identity, pf.filter) {
+                gone.push(f.clone());
+            } else {
+                filtered |= self.auth.subscribe_filtered(&c.identity, pf.filter);
+            }
+        }
+        c.filtered = filtered;
+        if gone.is_empty() {
+            return;
+        }
+        tracing::info!(client = %c.id, withdrawn = gone.len(), "subscriptions withdrawn: no longer authorized");
+        for f in &gone {
+            c.subs.remove(f);
+            if let Some(pf) = parse_filter(f) {
+                self.trie.remove(&pf, ix);
+            }
+        }
+        if c.persistent() {
+            self.ops.push(StoreOp::Session(c.record(c.offline_since())));
         }
     }
 
@@ -1056,13 +1169,13 @@ impl Broker {
                     ids.push(id);
                 }
             }
-            if any {
+            if any && self.may_read(ix, &msg.topic) {
                 self.deliver(ix, msg.clone(), qos, retain, ids, now);
             }
         }
         for k in 0..m.shared.len() {
             let (ix, o) = m.shared[k];
-            if o.no_local && Some(ix) == from {
+            if (o.no_local && Some(ix) == from) || !self.may_read(ix, &msg.topic) {
                 continue;
             }
             let qos = o.qos.min(msg.qos as u8);
@@ -1077,6 +1190,15 @@ impl Broker {
             );
         }
         self.matches = m;
+    }
+
+    /// Whether client `ix` may receive `topic` (asked only of clients with a subscription
+    /// the authorizer wants checked per delivery).
+    fn may_read(&self, ix: ClientIx, topic: &str) -> bool {
+        match self.clients.get(ix) {
+            Some(c) if c.filtered => self.auth.read(&c.identity, topic),
+            _ => true,
+        }
     }
 
     fn publish_will(&mut self, mut msg: Message, now: Instant) {
@@ -1227,7 +1349,8 @@ impl Broker {
         let allowed = self.auth.publish(&cl.identity, &p.topic_name);
         let pid = p.qos_pid.pid();
         let v5c = cl.version.is_v5();
-        if p.qos_pid.qos() == QoS::Level2 {
+        if p.qos_pid.qos() == QoS::Level2 && (allowed || !v5c) {
+            // (A 5.0 refusal ends the flow with PUBREC 0x87: the identifier is not kept.)
             let pid = pid.expect("QoS 2 has a pid");
             if !cl.flow().rx_qos2.insert(pid.value()) {
                 // A resend of one we already have: acknowledge again, do not route again.
@@ -1313,7 +1436,8 @@ impl Broker {
                 codes.push(v5::SubscribeReasonCode::TopicFilterInvalid);
                 continue;
             };
-            if !self.auth.subscribe(&cl.identity, text) {
+            if !self.auth.subscribe(&cl.identity, pf.filter) {
+                tracing::info!(client = %cl.id, filter = text, "subscription denied");
                 codes.push(v5::SubscribeReasonCode::NotAuthorized);
                 continue;
             }
@@ -1323,6 +1447,8 @@ impl Broker {
                 codes.push(v5::SubscribeReasonCode::TopicFilterInvalid);
                 continue;
             }
+            let checked = self.auth.subscribe_filtered(&cl.identity, pf.filter);
+            cl.filtered |= checked;
             if pf.group.is_some() && o.no_local {
                 codes.push(v5::SubscribeReasonCode::TopicFilterInvalid);
                 continue;
@@ -1359,7 +1485,7 @@ impl Broker {
                 let mut found = Vec::new();
                 self.retained.matching(pf.filter, &mut found);
                 for m in found {
-                    if !m.expired(now) {
+                    if !m.expired(now) && (!checked || self.auth.read(&cl.identity, &m.topic)) {
                         retained_out.push((m.clone(), opts));
                     }
                 }
@@ -2106,5 +2232,208 @@ mod tests {
         });
         assert!(refused, "a third session is refused");
         assert_eq!(b.sessions(), 2);
+    }
+
+    /// A broker whose authorizer is the policy of this ACL file (anonymous allowed).
+    fn acl_broker(acl: &str) -> Broker {
+        let acl = super::super::auth::acl::Acl::parse(acl).unwrap();
+        let policy = super::super::auth::Policy::new(None, Some(acl), true);
+        Broker::new(BrokerConfig::default(), Arc::new(policy), Instant::now())
+    }
+
+    fn connect_as(b: &mut Broker, conn: ConnId, id: &str, user: Option<&str>, version: Version) {
+        let c = v5::Connect::new(id.into(), 60);
+        let who = Identity {
+            username: user.map(Into::into),
+            ..Default::default()
+        };
+        b.connect(conn, version, c, who, Instant::now());
+    }
+
+    fn suback(b: &mut Broker, conn: ConnId) -> Vec<v5::SubscribeReasonCode> {
+        b.out
+            .iter()
+            .find_map(|(c, o)| match o {
+                Out::Packet(p) if *c == conn => match &**p {
+                    v5::Packet::Suback(s) => Some(s.topics.clone()),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .expect("a SUBACK")
+    }
+
+    const ACL: &str = "user alice\ntopic readwrite a/#\ntopic deny a/secret\n\
+                       user bob\ntopic read a/open\ntopic write b/#\n";
+
+    #[test]
+    fn denied_subscription_gets_0x87_and_others_are_granted() {
+        let mut b = acl_broker(ACL);
+        connect_as(&mut b, 1, "c1", Some("bob"), Version::V5);
+        b.out.clear();
+        let s = v5::Subscribe::new(
+            Pid::try_from(1).unwrap(),
+            ["a/open", "a/#", "$share/g/a/open"]
+                .iter()
+                .map(|f| {
+                    (
+                        TopicFilter::try_from(*f).unwrap(),
+                        v5::SubscriptionOptions::new(QoS::Level1),
+                    )
+                })
+                .collect(),
+        );
+        b.packet(1, v5::Packet::Subscribe(s), Instant::now());
+        use v5::SubscribeReasonCode as R;
+        assert_eq!(
+            suback(&mut b, 1),
+            [R::GrantedQoS1, R::NotAuthorized, R::GrantedQoS1]
+        );
+        assert_eq!(b.subscriptions(), 2);
+    }
+
+    #[test]
+    fn a_denied_retained_publish_is_not_kept() {
+        let mut b = acl_broker(ACL);
+        connect_as(&mut b, 2, "pub", Some("alice"), Version::V5);
+        publish(
+            &mut b,
+            2,
+            "a/secret",
+            b"retained secret",
+            QoS::Level0,
+            0,
+            true,
+        );
+        publish(&mut b, 2, "a/x", b"retained x", QoS::Level0, 0, true);
+        assert_eq!(b.retained_count(), 1, "alice may write a/x, not a/secret");
+    }
+
+    #[test]
+    fn retained_and_live_messages_never_reach_who_may_not_read_them() {
+        // The writer may write everything; the reader reads a/# but not a/secret.
+        let mut b =
+            acl_broker("user w\ntopic write #\nuser r\ntopic read a/#\ntopic deny a/secret\n");
+        connect_as(&mut b, 2, "pub", Some("w"), Version::V5);
+        publish(&mut b, 2, "a/secret", b"s", QoS::Level0, 0, true);
+        publish(&mut b, 2, "a/x", b"x", QoS::Level0, 0, true);
+        assert_eq!(b.retained_count(), 2);
+        connect_as(&mut b, 1, "sub", Some("r"), Version::V311);
+        b.out.clear();
+        subscribe(&mut b, 1, "a/#", QoS::Level0);
+        let got: Vec<String> = publishes(&mut b, 1)
+            .iter()
+            .map(|d| d.msg.topic.to_string())
+            .collect();
+        assert_eq!(got, ["a/x"], "retained");
+        publish(&mut b, 2, "a/secret", b"s2", QoS::Level0, 0, false);
+        publish(&mut b, 2, "a/y", b"y", QoS::Level0, 0, false);
+        let got: Vec<String> = publishes(&mut b, 1)
+            .iter()
+            .map(|d| d.msg.topic.to_string())
+            .collect();
+        assert_eq!(got, ["a/y"], "live");
+        // $SYS is not granted by a/# and not by a rule for #.
+        b.tick(Instant::now() + Duration::from_secs(60));
+        assert!(publishes(&mut b, 1).is_empty());
+    }
+
+    #[test]
+    fn denied_publish_is_dropped_in_311_and_refused_with_0x87_in_5() {
+        let mut b = acl_broker(ACL);
+        connect_as(&mut b, 1, "s", Some("alice"), Version::V5);
+        subscribe(&mut b, 1, "a/#", QoS::Level1);
+        for (conn, v) in [(2, Version::V311), (3, Version::V5)] {
+            connect_as(&mut b, conn, &format!("p{conn}"), Some("bob"), v);
+            b.out.clear();
+            publish(&mut b, conn, "a/open", b"x", QoS::Level1, 7, false);
+            publish(&mut b, conn, "a/open", b"x", QoS::Level2, 8, false);
+            let codes: Vec<u8> = b
+                .out
+                .iter()
+                .filter_map(|(c, o)| match o {
+                    Out::Packet(p) if *c == conn => match &**p {
+                        v5::Packet::Puback(a) => Some(a.reason_code as u8),
+                        v5::Packet::Pubrec(r) => Some(r.reason_code as u8),
+                        _ => None,
+                    },
+                    _ => None,
+                })
+                .collect();
+            let want: &[u8] = if v.is_v5() { &[0x87, 0x87] } else { &[0, 0] };
+            assert_eq!(codes, want, "{v:?}");
+            assert!(publishes(&mut b, 1).is_empty(), "nothing routed");
+        }
+        // A 5.0 refusal does not keep the QoS 2 identifier: its reuse is a new message.
+        b.set_authorizer(
+            Arc::new(super::super::auth::Policy::new(None, None, true)),
+            Instant::now(),
+        );
+        publish(&mut b, 3, "a/open", b"now", QoS::Level2, 8, false);
+        assert_eq!(publishes(&mut b, 1).len(), 1);
+    }
+
+    #[test]
+    fn will_on_a_forbidden_topic_refuses_the_connection() {
+        let mut b = acl_broker(ACL);
+        let mut c = v5::Connect::new("w".into(), 60);
+        c.last_will = Some(v5::LastWill::new(
+            QoS::Level0,
+            TopicName::try_from("a/secret").unwrap(),
+            Bytes::from_static(b"bye"),
+        ));
+        let who = Identity {
+            username: Some("alice".into()),
+            ..Default::default()
+        };
+        b.connect(1, Version::V5, c, who, Instant::now());
+        let code = b.out.iter().find_map(|(_, o)| match o {
+            Out::Packet(p) => match &**p {
+                v5::Packet::Connack(c) => Some(c.reason_code),
+                _ => None,
+            },
+            _ => None,
+        });
+        assert_eq!(code, Some(Crc::NotAuthorized));
+        assert_eq!(b.sessions(), 0);
+    }
+
+    #[test]
+    fn new_rules_withdraw_subscriptions_of_live_and_resumed_sessions() {
+        let mut b = acl_broker("user r\ntopic read a/#\ntopic read b/#\nuser w\ntopic write #\n");
+        connect_as(&mut b, 1, "sub", Some("r"), Version::V5);
+        subscribe(&mut b, 1, "a/#", QoS::Level0);
+        subscribe(&mut b, 1, "b/#", QoS::Level0);
+        connect_as(&mut b, 2, "pub", Some("w"), Version::V5);
+        assert_eq!(b.subscriptions(), 2);
+        let acl =
+            super::super::auth::acl::Acl::parse("user r\ntopic read a/#\nuser w\ntopic write #\n")
+                .unwrap();
+        b.set_authorizer(
+            Arc::new(super::super::auth::Policy::new(None, Some(acl), true)),
+            Instant::now(),
+        );
+        assert_eq!(b.subscriptions(), 1, "b/# withdrawn");
+        b.out.clear();
+        publish(&mut b, 2, "b/1", b"x", QoS::Level0, 0, false);
+        publish(&mut b, 2, "a/1", b"x", QoS::Level0, 0, false);
+        assert_eq!(publishes(&mut b, 1).len(), 1);
+        // A persistent session resumed by another user keeps only what that user may have.
+        let mut c = v5::Connect::new("keep".into(), 60);
+        c.clean_start = false;
+        c.properties.session_expiry_interval = Some(600);
+        let r = Identity {
+            username: Some("r".into()),
+            ..Default::default()
+        };
+        b.connect(3, Version::V5, c.clone(), r, Instant::now());
+        subscribe(&mut b, 3, "a/#", QoS::Level1);
+        b.closed(3, false, Instant::now());
+        let w = Identity {
+            username: Some("w".into()),
+            ..Default::default()
+        };
+        b.connect(4, Version::V5, c, w, Instant::now());
+        assert_eq!(b.subscriptions(), 1, "only the live sub's a/# is left");
     }
 }

@@ -420,18 +420,20 @@ pub fn encode(version: Version, packet: &v5::Packet, out: &mut Vec<u8>) {
         v5::Packet::Pubrec(p) => v3::Packet::Pubrec(p.pid),
         v5::Packet::Pubrel(p) => v3::Packet::Pubrel(p.pid),
         v5::Packet::Pubcomp(p) => v3::Packet::Pubcomp(p.pid),
-        v5::Packet::Suback(s) => v3::Packet::Suback(v3::Suback::new(
-            s.pid,
-            s.topics
-                .iter()
-                .map(|c| match c {
-                    v5::SubscribeReasonCode::GrantedQoS0 => v3::SubscribeReturnCode::MaxLevel0,
-                    v5::SubscribeReasonCode::GrantedQoS1 => v3::SubscribeReturnCode::MaxLevel1,
-                    v5::SubscribeReasonCode::GrantedQoS2 => v3::SubscribeReturnCode::MaxLevel2,
-                    _ => v3::SubscribeReturnCode::Failure,
-                })
-                .collect(),
-        )),
+        v5::Packet::Suback(s) => {
+            // Written here: mqtt-proto 0.4 encodes its 3.1.1 `Failure` as 3, not 0x80.
+            let remaining = 2 + s.topics.len();
+            out.push(0x90);
+            put_var(out, remaining);
+            out.extend_from_slice(&s.pid.value().to_be_bytes());
+            out.extend(s.topics.iter().map(|c| match c {
+                v5::SubscribeReasonCode::GrantedQoS0 => 0,
+                v5::SubscribeReasonCode::GrantedQoS1 => 1,
+                v5::SubscribeReasonCode::GrantedQoS2 => 2,
+                _ => 0x80,
+            }));
+            return;
+        }
         v5::Packet::Unsuback(u) => v3::Packet::Unsuback(u.pid),
         v5::Packet::Pingresp => v3::Packet::Pingresp,
         v5::Packet::Publish(p) => v3::Packet::Publish(v3::Publish {

@@ -17,9 +17,11 @@
 //! | [`peer`] | the Rust API of the D-Bus half: call, own and serve names, signals, monitor |
 //! | [`tools`] | `bus names`, `bus call`, `bus own -- COMMAND`, `bus emit`, `bus listen`, `bus monitor` |
 //! | [`bench`](mod@bench) | `bus bench`: verified load against any broker |
+//! | [`auth`] | who may join and what they may do: password files, ACLs, login limits, TLS |
 //!
 //! See `docs/bus.md` for the protocol notes and the design.
 
+pub mod auth;
 pub mod bench;
 pub mod broker;
 pub mod client;
@@ -75,6 +77,9 @@ pub enum BusCommand {
     Listen(tools::ListenArgs),
     /// Print every message crossing the bus, like dbus-monitor: `socklab bus monitor`.
     Monitor(tools::ListenArgs),
+    /// Add or update a user in a password file (the password is read from the terminal
+    /// without echo, or the first line of stdin): `socklab bus passwd bus.passwd alice`.
+    Passwd(auth::passwd::PasswdArgs),
 }
 
 /// Arguments of `socklab bus serve`.
@@ -129,6 +134,45 @@ pub struct ServeArgs {
     /// How often $SYS/broker/... is published.
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     pub sys_interval: Duration,
+    /// Password file (`socklab bus passwd`): CONNECT's user name and password are checked
+    /// against it. SIGHUP rereads it.
+    #[arg(long, value_name = "FILE")]
+    pub passwords: Option<PathBuf>,
+    /// ACL file (mosquitto's syntax, plus `own`/`call` rules for bus names): once given,
+    /// what it does not grant is refused. SIGHUP rereads it.
+    #[arg(long, value_name = "FILE")]
+    pub acl: Option<PathBuf>,
+    /// Let clients without a user name connect [default: true without --passwords, false
+    /// with it].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub allow_anonymous: Option<bool>,
+    /// Over the Unix socket, a client that sends no user name is the peer's user
+    /// (SO_PEERCRED), by login name.
+    #[arg(long)]
+    pub unix_peer_user: bool,
+    /// Failed logins a source (IP address, IPv6 /64, or uid) may make at once; past them,
+    /// one more per --login-interval.
+    #[arg(long, default_value_t = 10)]
+    pub login_burst: u32,
+    /// See --login-burst.
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    pub login_interval: Duration,
+    /// Also listen for MQTT over TLS on this address (needs --tls-cert and --tls-key).
+    #[arg(long, value_name = "ADDR", requires_all = ["tls_cert", "tls_key"])]
+    pub tls_listen: Option<String>,
+    /// The TLS listener's certificate chain (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_listen")]
+    pub tls_cert: Option<PathBuf>,
+    /// The TLS listener's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_listen")]
+    pub tls_key: Option<PathBuf>,
+    /// Require TLS clients to show a certificate signed by these CAs (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_listen")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// What a client certificate makes the user name: its common name, its whole subject,
+    /// or nothing (the CONNECT's user name and password are checked as usual).
+    #[arg(long, value_enum, default_value_t = auth::tls::CertIdentity::Cn)]
+    pub tls_identity: auth::tls::CertIdentity,
 }
 
 /// The log level `-v` asks for: none in `bus sub`, where `-v` prints topics (as with
@@ -176,6 +220,29 @@ pub fn run(args: &BusArgs, verbose: u8) -> anyhow::Result<()> {
                     },
                     ..Default::default()
                 },
+                auth: auth::AuthConfig {
+                    passwords: a.passwords.clone(),
+                    acl: a.acl.clone(),
+                    allow_anonymous: a.allow_anonymous,
+                    unix_peer_user: a.unix_peer_user,
+                    cert_identity: if a.tls_client_ca.is_some() {
+                        a.tls_identity
+                    } else {
+                        auth::tls::CertIdentity::None
+                    },
+                    limit: auth::ratelimit::LimitConfig {
+                        burst: a.login_burst,
+                        interval: a.login_interval,
+                        ..Default::default()
+                    },
+                },
+                tls_listen: a.tls_listen.clone(),
+                tls: match (&a.tls_cert, &a.tls_key) {
+                    (Some(c), Some(k)) => {
+                        Some(auth::tls::server_config(c, k, a.tls_client_ca.as_deref())?)
+                    }
+                    _ => None,
+                },
             };
             server::run(cfg)
         }
@@ -188,5 +255,6 @@ pub fn run(args: &BusArgs, verbose: u8) -> anyhow::Result<()> {
         BusCommand::Emit(a) => tools::run_emit(a),
         BusCommand::Listen(a) => tools::run_listen(a),
         BusCommand::Monitor(a) => tools::run_monitor(a),
+        BusCommand::Passwd(a) => auth::passwd::run(a),
     }
 }

@@ -21,8 +21,10 @@
 //! many unacknowledged publications, or whose output is backed up, is not read from until
 //! that clears.
 
-use super::broker::{AllowAll, Broker, BrokerConfig, ConnId, Identity, Out};
-use super::codec::PublishHeader;
+use super::auth::tls::{CertIdentity, TlsConn};
+use super::auth::{AuthConfig, Gate, Login, Outcome, Step};
+use super::broker::{Broker, BrokerConfig, ConnId, Identity, Out};
+use super::codec::{PublishHeader, Version};
 use super::session::{Inbound, Phase, Session, SessionConfig};
 use super::store::{Store, StoreOp};
 use crate::model::evloop::Slab;
@@ -45,6 +47,8 @@ const TCP: u64 = u64::MAX;
 const UNIX: u64 = u64::MAX - 1;
 const SIGNAL: u64 = u64::MAX - 2;
 const INBOX: u64 = u64::MAX - 3;
+const TLS: u64 = u64::MAX - 4;
+const VERDICT: u64 = u64::MAX - 5;
 const READ_BUF: usize = 64 * 1024;
 /// Reads per connection per round, so one busy publisher cannot starve the others.
 const READS_PER_ROUND: usize = 4;
@@ -73,6 +77,12 @@ pub struct ServeConfig {
     pub session: SessionConfig,
     /// Broker limits.
     pub broker: BrokerConfig,
+    /// Who may connect and what they may do.
+    pub auth: AuthConfig,
+    /// A TLS listener's address, if any.
+    pub tls_listen: Option<String>,
+    /// Its configuration (certificate, key, client CAs).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// Changes for the store, with the acknowledgements to release once they are durable.
@@ -82,6 +92,23 @@ struct LoopShared {
     inbox: Mutex<Vec<(ConnId, Out)>>,
     wake: EventFd,
     pending_wake: AtomicBool,
+    verdicts: Arc<Verdicts>,
+}
+
+/// A CONNECT waiting for its password check.
+type Waiting = (Version, Box<mqtt_proto::v5::Connect>);
+
+/// Outcomes of password checks, handed back to a loop by the verifier threads.
+struct Verdicts {
+    items: Mutex<Vec<(ConnId, Outcome, Waiting)>>,
+    wake: EventFd,
+}
+
+impl Verdicts {
+    fn take(&self) -> Vec<(ConnId, Outcome, Waiting)> {
+        let _ = self.wake.read();
+        std::mem::take(&mut *self.items.lock().unwrap_or_else(|e| e.into_inner()))
+    }
 }
 
 impl LoopShared {
@@ -106,6 +133,7 @@ impl LoopShared {
 
 struct Shared {
     broker: Mutex<Broker>,
+    gate: Arc<Gate>,
     stats: Arc<super::broker::Stats>,
     loops: Vec<LoopShared>,
     active: AtomicUsize,
@@ -223,11 +251,19 @@ struct Conn {
     /// Already in this round's list of connections to flush.
     marked: bool,
     peer_uid: Option<u32>,
+    /// TLS, for a connection that came through the TLS listener.
+    tls: Option<Box<TlsConn>>,
+    /// Its password is being checked: nothing more is read, and what came after CONNECT
+    /// waits here.
+    auth_wait: bool,
+    held: Vec<Inbound>,
     readable: bool,
     /// Closing: flush what is queued, then close.
     closing: bool,
     /// Whether the broker must hear of the close as abnormal (will published).
     abnormal: bool,
+    /// TLS close_notify queued.
+    close_notify: bool,
     announced: bool,
     deadline: Option<Instant>,
 }
@@ -247,6 +283,7 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     let tcp = match (&cfg.listen, &cfg.unix) {
         (Some(a), _) => Some(Listener::open(&Endpoint::Inet(a.clone()), opts)?),
         (None, Some(_)) => None,
+        (None, None) if cfg.tls_listen.is_some() => None,
         (None, None) => Some(Listener::open(
             &Endpoint::Inet("127.0.0.1:1883".into()),
             opts,
@@ -262,9 +299,18 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         )?),
         None => None,
     };
+    let tls = match (&cfg.tls_listen, &cfg.tls) {
+        (Some(a), Some(_)) => Some(Listener::open(&Endpoint::Inet(a.clone()), opts)?),
+        _ => None,
+    };
+    let gate = Gate::start(
+        cfg.auth.clone(),
+        if cfg.auth.passwords.is_some() { 2 } else { 1 },
+    )?;
+    signals::hup_reloads();
     let mut broker_cfg = cfg.broker.clone();
     broker_cfg.durable = cfg.data.is_some();
-    let mut broker = Broker::new(broker_cfg, Arc::new(AllowAll), Instant::now());
+    let mut broker = Broker::new(broker_cfg, gate.policy(), Instant::now());
     let mut store = None;
     if let Some(dir) = &cfg.data {
         let (s, loaded) = Store::open(dir)?;
@@ -295,12 +341,26 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
             });
         }
     }
+    let mut tls_socks = Vec::new();
+    if let Some(l) = &tls {
+        for i in 0..workers {
+            tls_socks.push(if i == 0 {
+                l.try_clone()?
+            } else {
+                l.sibling(opts)?.try_clone()?
+            });
+        }
+    }
     let mut loops = Vec::with_capacity(workers);
     for _ in 0..workers {
         loops.push(LoopShared {
             inbox: Mutex::new(Vec::new()),
             wake: EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)?,
             pending_wake: AtomicBool::new(false),
+            verdicts: Arc::new(Verdicts {
+                items: Mutex::new(Vec::new()),
+                wake: EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)?,
+            }),
         });
     }
     let (store_tx, store_rx) = match store {
@@ -313,6 +373,7 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     let shared = Arc::new(Shared {
         stats: broker.stats.clone(),
         broker: Mutex::new(broker),
+        gate: gate.clone(),
         loops,
         active: AtomicUsize::new(0),
         refusing: AtomicUsize::new(0),
@@ -323,6 +384,9 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     {
         let mut out = io::stdout().lock();
         if let Some(l) = &tcp {
+            writeln!(out, "{}", l.local)?;
+        }
+        if let Some(l) = &tls {
             writeln!(out, "{}", l.local)?;
         }
         if let Some(l) = &unix {
@@ -346,8 +410,11 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         let mut handles = Vec::new();
         for i in 0..workers {
             let sh = shared.clone();
-            let tcp = tcp_socks.get(i);
-            let unix = unix_sock.as_ref();
+            let listeners = Listeners {
+                tcp: tcp_socks.get(i),
+                tls: tls_socks.get(i),
+                unix: unix_sock.as_ref(),
+            };
             let sig = signals.fd();
             // Each loop has its own sender: when the loops are gone, the store thread's
             // channel closes and it finishes.
@@ -355,7 +422,7 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
             handles.push(
                 std::thread::Builder::new()
                     .name(format!("bus-loop-{i}"))
-                    .spawn_scoped(scope, move || event_loop(i, &sh, store, tcp, unix, sig)),
+                    .spawn_scoped(scope, move || event_loop(i, &sh, store, listeners, sig)),
             );
         }
         drop(store_tx);
@@ -373,6 +440,7 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         result
     });
     // The loops are gone: let the store finish what it was given, then stop.
+    gate.stop();
     if let Some(t) = store_thread {
         let _ = t.join();
     }
@@ -453,18 +521,33 @@ struct Loop<'a> {
     buf: Vec<u8>,
 }
 
+/// One loop's listeners.
+#[derive(Clone, Copy)]
+struct Listeners<'a> {
+    tcp: Option<&'a Socket>,
+    tls: Option<&'a Socket>,
+    unix: Option<&'a Socket>,
+}
+
 fn event_loop(
     index: usize,
     shared: &Shared,
     store: Option<mpsc::Sender<StoreBatch>>,
-    tcp: Option<&Socket>,
-    unix: Option<&Socket>,
+    listeners: Listeners<'_>,
     signal: BorrowedFd<'_>,
 ) -> io::Result<()> {
+    let Listeners { tcp, tls, unix } = listeners;
     let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
     if let Some(l) = tcp {
         epoll.add(l, EpollEvent::new(EpollFlags::EPOLLIN, TCP))?;
     }
+    if let Some(l) = tls {
+        epoll.add(l, EpollEvent::new(EpollFlags::EPOLLIN, TLS))?;
+    }
+    epoll.add(
+        shared.loops[index].verdicts.wake.as_fd(),
+        EpollEvent::new(EpollFlags::EPOLLIN, VERDICT),
+    )?;
     if let Some(l) = unix {
         epoll.add(
             l,
@@ -521,20 +604,32 @@ fn event_loop(
             match ev.data() {
                 TCP => {
                     if let Some(l) = tcp {
-                        lp.accept_all(l, now);
+                        lp.accept_all(l, false, now);
+                    }
+                }
+                TLS => {
+                    if let Some(l) = tls {
+                        lp.accept_all(l, true, now);
                     }
                 }
                 UNIX => {
                     if let Some(l) = unix {
-                        lp.accept_all(l, now);
+                        lp.accept_all(l, false, now);
                     }
                 }
                 SIGNAL => {
+                    signals::drain_fd(signal);
                     if signals::stop_requested() {
                         stopping = true;
+                        // The byte this loop drained was every loop's: put one back so
+                        // that the others wake and stop too.
+                        signals::request_stop();
+                    }
+                    if signals::take_reload() {
+                        lp.reload(now);
                     }
                 }
-                INBOX => {}
+                INBOX | VERDICT => {}
                 token => {
                     let t = token as usize;
                     if let Some(c) = lp.conns.get_mut(t) {
@@ -556,7 +651,7 @@ fn event_loop(
             }
         }
         if stopping {
-            lp.shutdown(tcp, unix, now);
+            lp.shutdown(&[tcp, tls, unix], now);
             return Ok(());
         }
         // Stalled readers whose reason cleared.
@@ -573,7 +668,7 @@ fn event_loop(
 }
 
 impl Loop<'_> {
-    fn accept_all(&mut self, listener: &Socket, now: Instant) {
+    fn accept_all(&mut self, listener: &Socket, tls: bool, now: Instant) {
         for _ in 0..256 {
             let (sock, addr) = match accept(listener, true) {
                 Ok(x) => x,
@@ -604,6 +699,17 @@ impl Loop<'_> {
             } else {
                 None
             };
+            let tls = match (tls, &self.shared.cfg.tls) {
+                (true, Some(cfg)) => match TlsConn::new(cfg) {
+                    Ok(t) => Some(Box::new(t)),
+                    Err(e) => {
+                        tracing::warn!("TLS: {e}");
+                        self.shared.active.fetch_sub(1, Ordering::Relaxed);
+                        continue;
+                    }
+                },
+                _ => None,
+            };
             self.generation += 1;
             let session = Session::new(self.shared.cfg.session, now);
             let deadline = session.deadline();
@@ -615,6 +721,10 @@ impl Loop<'_> {
                 refused,
                 marked: false,
                 peer_uid,
+                tls,
+                auth_wait: false,
+                held: Vec::new(),
+                close_notify: false,
                 readable: true,
                 closing: false,
                 abnormal: true,
@@ -647,7 +757,7 @@ impl Loop<'_> {
         let Some(c) = self.conns.get_mut(t) else {
             return;
         };
-        if !c.readable || c.closing {
+        if !c.readable || c.closing || c.auth_wait {
             return;
         }
         let receive_max = self.shared.cfg.session.receive_max as usize;
@@ -659,7 +769,14 @@ impl Loop<'_> {
                 self.stalled.push(t);
                 return;
             }
-            match crate::model::recv(&c.sock, &mut self.buf, 0) {
+            let got = match &mut c.tls {
+                Some(tls) => tls.recv(&c.sock, &mut self.buf),
+                None => crate::model::recv(&c.sock, &mut self.buf, 0),
+            };
+            if c.tls.as_ref().is_some_and(|t| t.pending()) {
+                self.dirty.push(t); // handshake messages to finish sending
+            }
+            match got {
                 Ok(0) => {
                     c.readable = false;
                     c.closing = true;
@@ -770,7 +887,8 @@ impl Loop<'_> {
     fn route(&mut self, now: Instant, tick: bool, next_tick: &mut Instant) {
         // Connections closing with nothing left to flush are closed before routing, so
         // the broker hears of the close in the same round.
-        if self.events.is_empty() && self.closed.is_empty() && !tick {
+        let verdicts = self.shared.loops[self.index].verdicts.take();
+        if self.events.is_empty() && self.closed.is_empty() && !tick && verdicts.is_empty() {
             return;
         }
         let events = std::mem::take(&mut self.events);
@@ -788,29 +906,31 @@ impl Loop<'_> {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner()),
             );
+            for (id, outcome, (version, connect)) in verdicts {
+                let t = (id & 0xffff_ffff) as usize;
+                let Some(c) = self.conns.get_mut(t).filter(|c| c.id == id) else {
+                    continue; // gone while its password was checked
+                };
+                c.auth_wait = false;
+                let held = std::mem::take(&mut c.held);
+                if self.admit(&mut b, id, version, connect, outcome, now) {
+                    for ev in held {
+                        if let Inbound::Packet(p) = ev {
+                            b.packet(id, p, now);
+                        }
+                    }
+                    self.stalled.push(t); // read on
+                }
+            }
             for (id, ev) in events {
+                let t = (id & 0xffff_ffff) as usize;
+                if let Some(c) = self.conns.get_mut(t).filter(|c| c.id == id && c.auth_wait) {
+                    c.held.push(ev); // after a CONNECT whose password is being checked
+                    continue;
+                }
                 match ev {
                     Inbound::Connect(version, connect) => {
-                        let t = (id & 0xffff_ffff) as usize;
-                        let (peer, peer_uid) = self
-                            .conns
-                            .get_mut(t)
-                            .filter(|c| c.id == id)
-                            .map_or((String::new(), None), |c| (peer(&c.sock), c.peer_uid));
-                        if let Some(c) = self.conns.get_mut(t).filter(|c| c.id == id) {
-                            c.announced = true;
-                        }
-                        b.connect(
-                            id,
-                            version,
-                            *connect,
-                            Identity {
-                                peer,
-                                peer_uid,
-                                ..Default::default()
-                            },
-                            now,
-                        );
+                        self.login(&mut b, id, version, connect, now);
                     }
                     Inbound::Packet(p) => b.packet(id, p, now),
                 }
@@ -830,6 +950,119 @@ impl Loop<'_> {
             self.shared.loops[l].wake();
         }
         self.apply(mine);
+    }
+
+    /// A CONNECT arrived: ask the gate; admit or refuse now, or wait for the verifier.
+    fn login(
+        &mut self,
+        b: &mut Broker,
+        id: ConnId,
+        version: Version,
+        connect: Box<mqtt_proto::v5::Connect>,
+        now: Instant,
+    ) {
+        let t = (id & 0xffff_ffff) as usize;
+        let Some(c) = self.conns.get_mut(t).filter(|c| c.id == id) else {
+            return;
+        };
+        let identity = self.shared.cfg.auth.cert_identity;
+        let login = Login {
+            username: connect.username.clone(),
+            password: connect.password.clone(),
+            peer: peer(&c.sock),
+            peer_uid: c.peer_uid,
+            cert_user: c
+                .tls
+                .as_ref()
+                .filter(|_| identity != CertIdentity::None)
+                .and_then(|t| t.peer_user(identity)),
+        };
+        match self.shared.gate.start_login(login, now) {
+            Step::Done(outcome) => {
+                self.admit(b, id, version, connect, outcome, now);
+            }
+            Step::Verify(job) => {
+                c.auth_wait = true;
+                let verdicts = self.shared.loops[self.index].verdicts.clone();
+                let waiting = Some((version, connect));
+                self.shared.gate.submit(job, move |outcome| {
+                    let mut waiting = waiting;
+                    if let Some(w) = waiting.take() {
+                        verdicts
+                            .items
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push((id, outcome, w));
+                        let _ = verdicts.wake.write(1);
+                    }
+                });
+            }
+        }
+    }
+
+    /// Hand an authenticated CONNECT to the broker, or refuse it; whether it was admitted.
+    fn admit(
+        &mut self,
+        b: &mut Broker,
+        id: ConnId,
+        version: Version,
+        connect: Box<mqtt_proto::v5::Connect>,
+        outcome: Outcome,
+        now: Instant,
+    ) -> bool {
+        let t = (id & 0xffff_ffff) as usize;
+        let Some(c) = self.conns.get_mut(t).filter(|c| c.id == id) else {
+            return false;
+        };
+        match outcome {
+            Ok((username, verified)) => {
+                c.announced = true;
+                let identity = Identity {
+                    peer: peer(&c.sock),
+                    peer_uid: c.peer_uid,
+                    username,
+                    verified,
+                    ..Default::default()
+                };
+                b.connect(id, version, *connect, identity, now);
+                true
+            }
+            Err(r) => {
+                tracing::info!(peer = %peer(&c.sock), code = ?r.code, "connection refused: {}", r.why);
+                c.session.send(&mqtt_proto::v5::Packet::Connack(
+                    mqtt_proto::v5::Connack::new(false, r.code),
+                ));
+                c.abnormal = false;
+                c.closing = true;
+                c.readable = false;
+                self.dirty.push(t);
+                false
+            }
+        }
+    }
+
+    /// SIGHUP: reread the password and ACL files; the broker withdraws what is no longer
+    /// allowed. Bad files leave the old ones in force.
+    fn reload(&mut self, now: Instant) {
+        let policy = match self.shared.gate.reload() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!("reload: {e}; the previous files stay in force");
+                return;
+            }
+        };
+        let mut mine = Vec::new();
+        let mut wake = Vec::new();
+        {
+            let mut b = self.shared.broker.lock().unwrap_or_else(|e| e.into_inner());
+            b.set_authorizer(policy, now);
+            self.hand_out(&mut b, &mut mine, &mut wake);
+        }
+        for l in wake {
+            self.shared.loops[l].wake();
+        }
+        self.apply(mine);
+        tracing::info!("reloaded the password and ACL files");
     }
 
     /// Under the broker lock: the round's changes to the store (with the acknowledgements
@@ -927,7 +1160,11 @@ impl Loop<'_> {
             c.marked = false;
             let mut failed = false;
             while c.sent < c.session.out.len() {
-                match c.sock.send(&c.session.out[c.sent..]) {
+                let r = match &mut c.tls {
+                    Some(tls) => tls.send(&c.sock, &c.session.out[c.sent..]),
+                    None => c.sock.send(&c.session.out[c.sent..]),
+                };
+                match r {
                     Ok(n) => {
                         c.sent += n;
                         self.shared
@@ -944,6 +1181,21 @@ impl Loop<'_> {
                     }
                 }
             }
+            if let Some(tls) = &mut c.tls {
+                if c.closing && c.sent == c.session.out.len() && !c.close_notify {
+                    c.close_notify = true;
+                    tls.close();
+                }
+                match tls.flush(&c.sock) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => {
+                        tracing::debug!(peer = %peer(&c.sock), "TLS send: {e}");
+                        failed = true;
+                    }
+                }
+            }
+            let tls_pending = c.tls.as_ref().is_some_and(|t| t.pending());
             if c.sent == c.session.out.len() {
                 c.sent = 0;
                 c.session.out.clear();
@@ -956,7 +1208,7 @@ impl Loop<'_> {
                     self.stalled.push(t);
                 }
             }
-            if failed || (c.closing && c.session.out.is_empty()) {
+            if failed || (c.closing && c.session.out.is_empty() && !tls_pending) {
                 let abnormal = c.abnormal;
                 self.drop_conn(t, abnormal);
             }
@@ -983,12 +1235,10 @@ impl Loop<'_> {
 
     /// Stop: no more accepts; the broker ends every session's connection as lost (wills go
     /// out, to connections still open too); 5.0 clients are told the server is shutting
-    /// down; what is queued is flushed for up to a second, then every connection is closed.
-    fn shutdown(&mut self, tcp: Option<&Socket>, unix: Option<&Socket>, now: Instant) {
-        if let Some(l) = tcp {
-            let _ = self.epoll.delete(l);
-        }
-        if let Some(l) = unix {
+    /// down; what is queued is flushed for up to a second, then every connection is closed
+    /// (TLS ones after a close_notify).
+    fn shutdown(&mut self, listeners: &[Option<&Socket>], now: Instant) {
+        for l in listeners.iter().flatten() {
             let _ = self.epoll.delete(l);
         }
         let mut mine = Vec::new();
@@ -1024,7 +1274,11 @@ impl Loop<'_> {
                     continue;
                 };
                 while c.sent < c.session.out.len() {
-                    match c.sock.send(&c.session.out[c.sent..]) {
+                    let r = match &mut c.tls {
+                        Some(tls) => tls.send(&c.sock, &c.session.out[c.sent..]),
+                        None => c.sock.send(&c.session.out[c.sent..]),
+                    };
+                    match r {
                         Ok(n) => c.sent += n,
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -1034,6 +1288,16 @@ impl Loop<'_> {
                         Err(_) => {
                             c.sent = c.session.out.len(); // gone: nothing more to do
                         }
+                    }
+                }
+                if let Some(tls) = &mut c.tls {
+                    if c.sent == c.session.out.len() && !c.close_notify {
+                        c.close_notify = true;
+                        tls.close();
+                    }
+                    match tls.flush(&c.sock) {
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => left = true,
+                        _ => {}
                     }
                 }
             }
