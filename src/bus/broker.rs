@@ -1346,7 +1346,12 @@ impl Broker {
     fn on_publish(&mut self, conn: ConnId, ix: ClientIx, p: v5::Publish, now: Instant) {
         self.stats.msgs_in.fetch_add(1, Ordering::Relaxed);
         let cl = self.clients.get_mut(ix).expect("present");
-        let allowed = self.auth.publish(&cl.identity, &p.topic_name);
+        // Calls, replies and driver requests under $bus/ are checked by the D-Bus half
+        // itself (the Authorizer's `call` and `own`; a reply only from the connection the
+        // call was routed to); signals are publications and need a write rule for their topic.
+        let dbus_checked =
+            p.topic_name.starts_with(dbus::PREFIX) && !p.topic_name.starts_with(dbus::SIGNAL_TOPIC);
+        let allowed = dbus_checked || self.auth.publish(&cl.identity, &p.topic_name);
         let pid = p.qos_pid.pid();
         let v5c = cl.version.is_v5();
         if p.qos_pid.qos() == QoS::Level2 && (allowed || !v5c) {

@@ -166,6 +166,26 @@ impl Authorizer for Policy {
             .as_ref()
             .is_none_or(|a| a.topic(&Policy::who(who), topic, Want::Read))
     }
+
+    /// The ACL's `own` rules (D-Bus's `own` / `own_prefix`).
+    fn own(&self, who: &Identity, name: &str) -> bool {
+        self.acl
+            .as_ref()
+            .is_none_or(|a| a.own(&Policy::who(who), name))
+    }
+
+    /// The ACL's `call` rules (D-Bus's `send_destination`, `send_interface`, `send_member`).
+    fn call(
+        &self,
+        who: &Identity,
+        destination: &str,
+        interface: Option<&str>,
+        member: &str,
+    ) -> bool {
+        self.acl
+            .as_ref()
+            .is_none_or(|a| a.call(&Policy::who(who), destination, interface, member))
+    }
 }
 
 /// A refused login: the CONNACK reason (3.1.1 gets the closest return code) and why, for
