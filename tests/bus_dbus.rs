@@ -878,3 +878,131 @@ fn a_paho_program_written_from_the_docs_calls_a_socklab_name_and_serves_one() {
     assert_eq!(line.trim(), "served Add Fail");
     kill_child(&mut rev);
 }
+
+#[test]
+fn the_acl_decides_who_owns_and_calls_names_and_who_emits_signals() {
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("bus.passwd");
+    let pw = pw.to_str().unwrap();
+    for user in ["alice", "bob"] {
+        let mut p = Command::new(BIN)
+            .args(["bus", "passwd", pw, user])
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        writeln!(p.stdin.take().unwrap(), "{user}-pw").unwrap();
+        assert!(p.wait().unwrap().success());
+    }
+    let acl = dir.path().join("bus.acl");
+    std::fs::write(
+        &acl,
+        "user alice\n\
+         own org.example.Vault\n\
+         call org.example.Vault\n\
+         topic write $bus/signal/org.example.Vault1/#\n\
+         user bob\n\
+         call org.example.Vault org.example.Vault1 Get\n\
+         call deny org.example.Vault * Wipe\n",
+    )
+    .unwrap();
+    let bus = BusServer::start(&["--passwords", pw, "--acl", acl.to_str().unwrap()]);
+    let login = |user: &str| {
+        let o = ConnectOptions {
+            username: Some(user.into()),
+            password: Some(Bytes::from(format!("{user}-pw"))),
+            ..Default::default()
+        };
+        BusConnection::connect_with(&bus.endpoint(), &o).unwrap()
+    };
+    let mut alice = login("alice");
+    let mut bob = login("bob");
+    let denied = "org.freedesktop.DBus.Error.AccessDenied";
+    let name_of = |r: Result<RequestReply, CallError>| r.map_err(|e| e.name().map(str::to_string));
+    assert_eq!(
+        name_of(bob.request_name("org.example.Vault", 0)),
+        Err(Some(denied.to_string()))
+    );
+    assert_eq!(
+        name_of(alice.request_name("org.example.Vault", 0)),
+        Ok(RequestReply::PrimaryOwner)
+    );
+    assert_eq!(
+        name_of(alice.request_name("org.example.Other", 0)),
+        Err(Some(denied.to_string()))
+    );
+    let w = alice.writer().unwrap();
+    let service = std::thread::spawn(move || {
+        let mut served = Vec::new();
+        while served.len() < 2 {
+            if let Some(BusMessage::Call(c)) =
+                alice.next_message(Some(Duration::from_secs(20))).unwrap()
+            {
+                w.reply(&c, &[json!("ok")]).unwrap();
+                served.push(c.member.clone());
+            }
+        }
+        alice
+            .emit("/v", "org.example.Vault1", "Opened", &[], None)
+            .unwrap();
+        alice
+            .emit("/v", "org.example.Other1", "Opened", &[], None)
+            .unwrap();
+        alice
+            .emit("/v", "org.example.Vault1", "End", &[], None)
+            .unwrap();
+        served
+    });
+    bob.add_match("path='/v'").unwrap();
+    let call = |c: &mut BusConnection, iface: Option<&str>, m: &str| {
+        c.call(
+            "org.example.Vault",
+            "/",
+            iface,
+            m,
+            &[],
+            Duration::from_secs(10),
+        )
+        .map_err(|e| e.name().map(str::to_string))
+    };
+    let v1 = Some("org.example.Vault1");
+    assert_eq!(call(&mut bob, v1, "Get"), Ok(vec![json!("ok")]));
+    assert_eq!(call(&mut bob, v1, "Wipe"), Err(Some(denied.into())));
+    assert_eq!(call(&mut bob, None, "Wipe"), Err(Some(denied.into())));
+    assert_eq!(call(&mut bob, v1, "Put"), Err(Some(denied.into())));
+    assert_eq!(call(&mut bob, None, "Get"), Err(Some(denied.into())));
+    assert_eq!(
+        call(&mut bob, Some("org.freedesktop.DBus.Peer"), "Ping"),
+        Ok(vec![])
+    );
+    let mut carol = login("bob");
+    assert_eq!(call(&mut carol, v1, "Get"), Ok(vec![json!("ok")]));
+    assert_eq!(service.join().unwrap(), vec!["Get", "Get"]);
+    // Alice may emit on org.example.Vault1 only: bob sees Opened and End, not the other.
+    let mut got = Vec::new();
+    while got.last().map(String::as_str) != Some("org.example.Vault1.End") {
+        match bob.next_message(Some(Duration::from_secs(10))).unwrap() {
+            Some(BusMessage::Signal(s)) => got.push(format!("{}.{}", s.interface, s.member)),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(got, ["org.example.Vault1.Opened", "org.example.Vault1.End"]);
+    // A wrong password never gets a unique name.
+    let o = ConnectOptions {
+        username: Some("bob".into()),
+        password: Some(Bytes::from("guess")),
+        ..Default::default()
+    };
+    assert!(BusConnection::connect_with(&bus.endpoint(), &o).is_err());
+    // The command line logs in too.
+    let o = bus.cli(&[
+        "call",
+        "org.example.Nobody",
+        "X",
+        "-u",
+        "bob",
+        "-P",
+        "bob-pw",
+    ]);
+    assert!(stderr(&o).contains("ServiceUnknown"), "{}", stderr(&o));
+}

@@ -162,6 +162,37 @@ fn publish(t: TopicName, args: &[Value], user: Vec<v5::UserProperty>) -> v5::Pub
     p
 }
 
+/// The reply (or error reply) to `call`; `None` if the caller expects none.
+fn answer_packet(call: &Call, args: &[Value], error: Option<&str>) -> Option<v5::Packet> {
+    let (t, corr) = call.reply.as_ref()?;
+    let user = match error {
+        Some(e) => props(&[(prop::ERROR, e)]),
+        None => Vec::new(),
+    };
+    let mut p = publish(t.clone(), args, user);
+    p.properties.correlation_data = Some(corr.clone());
+    Some(v5::Packet::Publish(p))
+}
+
+fn signal_packet(
+    path: &str,
+    interface: &str,
+    member: &str,
+    args: &[Value],
+    destination: Option<&str>,
+) -> io::Result<v5::Packet> {
+    let mut user = vec![(prop::PATH, path)];
+    if let Some(d) = destination {
+        user.push((prop::DESTINATION, d));
+    }
+    let p = publish(
+        topic(&format!("{}{interface}/{member}", dbus::SIGNAL_TOPIC))?,
+        args,
+        props(&user),
+    );
+    Ok(v5::Packet::Publish(p))
+}
+
 fn parse(p: v5::Publish) -> BusMessage {
     let kind = user_prop(&p, prop::TYPE);
     let s = |k: &str| user_prop(&p, k).unwrap_or("").to_string();
@@ -219,7 +250,19 @@ impl BusConnection {
     /// # Errors
     /// Connection failures, or a broker that gives no unique name (not a socklab bus).
     pub fn connect(endpoint: &Endpoint) -> anyhow::Result<BusConnection> {
-        let (client, ack) = Client::connect(endpoint, &ConnectOptions::default())?;
+        Self::connect_with(endpoint, &ConnectOptions::default())
+    }
+
+    /// Connect with these options (user name and password, TLS; the version must be 5.0).
+    ///
+    /// # Errors
+    /// As [`BusConnection::connect`]; MQTT 3.1.1 has no user properties for the D-Bus half.
+    pub fn connect_with(endpoint: &Endpoint, o: &ConnectOptions) -> anyhow::Result<BusConnection> {
+        anyhow::ensure!(
+            o.version.is_v5(),
+            "the D-Bus half needs MQTT 5.0 (user properties, response topics)"
+        );
+        let (client, ack) = Client::connect(endpoint, o)?;
         let unique = ack
             .properties
             .user_properties
@@ -538,8 +581,31 @@ impl BusConnection {
         args: &[Value],
         destination: Option<&str>,
     ) -> io::Result<()> {
-        self.writer()?
-            .emit(path, interface, member, args, destination)
+        self.client
+            .send(&signal_packet(path, interface, member, args, destination)?)
+    }
+
+    /// Reply to `call` on this connection (nothing is sent if the caller expects no reply);
+    /// [`BusWriter::reply`] does the same from other threads.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn reply(&mut self, call: &Call, args: &[Value]) -> io::Result<()> {
+        match answer_packet(call, args, None) {
+            Some(p) => self.client.send(&p),
+            None => Ok(()),
+        }
+    }
+
+    /// Answer `call` with the error `name` and a message, on this connection.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn reply_error(&mut self, call: &Call, name: &str, message: &str) -> io::Result<()> {
+        match answer_packet(call, &[json!(message)], Some(name)) {
+            Some(p) => self.client.send(&p),
+            None => Ok(()),
+        }
     }
 
     /// Send DISCONNECT and close.
@@ -575,16 +641,10 @@ impl BusWriter {
     }
 
     fn answer(&self, call: &Call, args: &[Value], error: Option<&str>) -> io::Result<()> {
-        let Some((t, corr)) = &call.reply else {
-            return Ok(());
-        };
-        let user = match error {
-            Some(e) => props(&[(prop::ERROR, e)]),
-            None => Vec::new(),
-        };
-        let mut p = publish(t.clone(), args, user);
-        p.properties.correlation_data = Some(corr.clone());
-        self.w.send(&v5::Packet::Publish(p))
+        match answer_packet(call, args, error) {
+            Some(p) => self.w.send(&p),
+            None => Ok(()),
+        }
     }
 
     /// Emit a signal (see [`BusConnection::emit`]).
@@ -599,15 +659,7 @@ impl BusWriter {
         args: &[Value],
         destination: Option<&str>,
     ) -> io::Result<()> {
-        let mut user = vec![(prop::PATH, path)];
-        if let Some(d) = destination {
-            user.push((prop::DESTINATION, d));
-        }
-        let p = publish(
-            topic(&format!("{}{interface}/{member}", dbus::SIGNAL_TOPIC))?,
-            args,
-            props(&user),
-        );
-        self.w.send(&v5::Packet::Publish(p))
+        self.w
+            .send(&signal_packet(path, interface, member, args, destination)?)
     }
 }

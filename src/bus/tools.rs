@@ -1,7 +1,7 @@
 //! The D-Bus half on the command line: `bus names`, `bus call`, `bus own -- COMMAND`,
 //! `bus emit`, `bus listen`, `bus monitor` — each a thin layer over [`super::peer`].
 
-use super::client::bus_endpoint;
+use super::client::{bus_endpoint, ConnectOptions, LoginArgs};
 use super::dbus::error;
 use super::names::{RequestReply, ALLOW_REPLACEMENT, DO_NOT_QUEUE, REPLACE_EXISTING};
 use super::peer::{BusConnection, BusMessage, BusWriter, Call, CallError};
@@ -25,6 +25,9 @@ pub struct NamesArgs {
     /// The bus: HOST:PORT or a Unix socket path [default: $SOCKLAB_BUS, else 127.0.0.1:1883].
     #[arg(long)]
     pub bus: Option<String>,
+    /// User name, password, TLS.
+    #[command(flatten)]
+    pub login: LoginArgs,
 }
 
 /// Arguments of `socklab bus call`.
@@ -54,6 +57,9 @@ pub struct CallArgs {
     /// The bus: HOST:PORT or a Unix socket path [default: $SOCKLAB_BUS, else 127.0.0.1:1883].
     #[arg(long)]
     pub bus: Option<String>,
+    /// User name, password, TLS.
+    #[command(flatten)]
+    pub login: LoginArgs,
 }
 
 /// Arguments of `socklab bus own`.
@@ -85,6 +91,9 @@ pub struct OwnArgs {
     /// The bus: HOST:PORT or a Unix socket path [default: $SOCKLAB_BUS, else 127.0.0.1:1883].
     #[arg(long)]
     pub bus: Option<String>,
+    /// User name, password, TLS.
+    #[command(flatten)]
+    pub login: LoginArgs,
     /// The command run for each call: the call's arguments are appended to it; stdout is the
     /// reply, a non-zero exit an error reply (message: stderr).
     #[arg(last = true, required = true)]
@@ -111,6 +120,9 @@ pub struct EmitArgs {
     /// The bus: HOST:PORT or a Unix socket path [default: $SOCKLAB_BUS, else 127.0.0.1:1883].
     #[arg(long)]
     pub bus: Option<String>,
+    /// User name, password, TLS.
+    #[command(flatten)]
+    pub login: LoginArgs,
 }
 
 /// Arguments of `socklab bus listen` and `socklab bus monitor`.
@@ -131,10 +143,15 @@ pub struct ListenArgs {
     /// The bus: HOST:PORT or a Unix socket path [default: $SOCKLAB_BUS, else 127.0.0.1:1883].
     #[arg(long)]
     pub bus: Option<String>,
+    /// User name, password, TLS.
+    #[command(flatten)]
+    pub login: LoginArgs,
 }
 
-fn connect(bus: Option<&str>) -> anyhow::Result<BusConnection> {
-    BusConnection::connect(&bus_endpoint(bus))
+fn connect(bus: Option<&str>, login: &LoginArgs) -> anyhow::Result<BusConnection> {
+    let mut o = ConnectOptions::default();
+    login.apply(&mut o)?;
+    BusConnection::connect_with(&bus_endpoint(bus), &o)
 }
 
 fn parse_args(args: &[String], json_args: bool) -> anyhow::Result<Vec<Value>> {
@@ -162,7 +179,7 @@ fn text(v: &Value) -> String {
 /// # Errors
 /// Connection failures.
 pub fn run_names(a: &NamesArgs) -> anyhow::Result<()> {
-    let mut c = connect(a.bus.as_deref())?;
+    let mut c = connect(a.bus.as_deref(), &a.login)?;
     let me = c.unique_name().to_string();
     let names = c.list_names()?;
     let mut rows = Vec::new();
@@ -216,7 +233,7 @@ pub fn run_call(a: &CallArgs) -> anyhow::Result<()> {
     if !a.path.starts_with('/') {
         return Err(UsageError(format!("--path {:?} must start with /", a.path)).into());
     }
-    let mut c = connect(a.bus.as_deref())?;
+    let mut c = connect(a.bus.as_deref(), &a.login)?;
     let r = c.call(
         &a.name,
         &a.path,
@@ -261,7 +278,7 @@ pub fn run_emit(a: &EmitArgs) -> anyhow::Result<()> {
     if a.interface.contains(['/', '+', '#']) || a.member.contains(['/', '+', '#']) {
         return Err(UsageError("interface and member may not contain / + #".into()).into());
     }
-    let mut c = connect(a.bus.as_deref())?;
+    let mut c = connect(a.bus.as_deref(), &a.login)?;
     c.emit(&a.path, &a.interface, &a.member, &args, a.dest.as_deref())?;
     c.close()?;
     Ok(())
@@ -311,7 +328,7 @@ fn receive(
 /// # Errors
 /// Bad rules (exit 2), connection failures.
 pub fn run_listen(a: &ListenArgs) -> anyhow::Result<()> {
-    let mut c = connect(a.bus.as_deref())?;
+    let mut c = connect(a.bus.as_deref(), &a.login)?;
     let rules = if a.rules.is_empty() {
         vec!["type='signal'".to_string()]
     } else {
@@ -340,7 +357,7 @@ pub fn run_listen(a: &ListenArgs) -> anyhow::Result<()> {
 /// # Errors
 /// Bad rules (exit 2), connection failures.
 pub fn run_monitor(a: &ListenArgs) -> anyhow::Result<()> {
-    let mut c = connect(a.bus.as_deref())?;
+    let mut c = connect(a.bus.as_deref(), &a.login)?;
     match c.become_monitor(&a.rules) {
         Err(CallError::Error { name, message }) if name == error::MATCH_RULE_INVALID => {
             return Err(UsageError(message).into())
@@ -591,7 +608,9 @@ pub fn run_own(a: &OwnArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let mut c = connect(a.bus.as_deref())?;
+    let mut c = connect(a.bus.as_deref(), &a.login)?;
+    // The commands' replies are sent from worker threads: check that this connection can.
+    c.writer().map_err(|e| anyhow::anyhow!("bus own: {e}"))?;
     if let Some(x) = &introspect {
         c.set_introspection(x)?;
     }
