@@ -527,7 +527,7 @@ impl Bus {
 
     /// Copies for monitors whose rules select the message (not for `receiver`, a monitor
     /// that was sent the message itself, such as the reply to its own `BecomeMonitor`).
-    fn to_monitors(
+    fn copy_to_monitors(
         &mut self,
         msg: &Arc<Message>,
         kind: Kind,
@@ -587,7 +587,7 @@ impl Bus {
             None,
         );
         self.send(to, m.clone(), call.qos as u8);
-        self.to_monitors(&m, Kind::Error, None, Some(to));
+        self.copy_to_monitors(&m, Kind::Error, None, Some(to));
     }
 
     /// A reply from the bus itself (driver, `Ping`, `Introspect`).
@@ -617,7 +617,7 @@ impl Bus {
             None,
         );
         self.send(to, m.clone(), call.qos as u8);
-        self.to_monitors(&m, Kind::Return, None, Some(to));
+        self.copy_to_monitors(&m, Kind::Return, None, Some(to));
     }
 
     fn on_call(&mut self, from: ConnId, who: &Identity, dest: &str, msg: &Message, now: Instant) {
@@ -655,7 +655,7 @@ impl Bus {
             },
         };
         if dest == DRIVER {
-            self.to_monitors_call(from, msg, dest, path, interface, &member, None);
+            self.copy_call_to_monitors(from, msg, dest, path, interface, &member, None);
             let result = self.driver(from, who, interface, &member, &msg.payload);
             return self.bus_reply(from, msg, DRIVER, result);
         }
@@ -686,7 +686,7 @@ impl Bus {
         };
         if let Some(result) = standard {
             let sender = self.peers.get(&callee).map(|p| p.unique.clone());
-            self.to_monitors_call(from, msg, dest, path, interface, &member, None);
+            self.copy_call_to_monitors(from, msg, dest, path, interface, &member, None);
             return self.bus_reply(from, msg, sender.as_deref().unwrap_or(dest), result);
         }
         if !self.auth.call(who, dest, interface, &member) {
@@ -783,13 +783,13 @@ impl Bus {
             if let Some(s) = reply {
                 copy.props.user.push(kv(prop::SERIAL, &s.to_string()));
             }
-            self.to_monitors(&Arc::new(copy), Kind::Call, Some(from), Some(callee));
+            self.copy_to_monitors(&Arc::new(copy), Kind::Call, Some(from), Some(callee));
         }
     }
 
     /// Monitors' copy of a call the bus answers itself.
     #[allow(clippy::too_many_arguments)]
-    fn to_monitors_call(
+    fn copy_call_to_monitors(
         &mut self,
         from: ConnId,
         msg: &Message,
@@ -827,7 +827,7 @@ impl Bus {
             None,
             Some(&msg.props),
         );
-        self.to_monitors(&m, Kind::Call, Some(from), None);
+        self.copy_to_monitors(&m, Kind::Call, Some(from), None);
     }
 
     fn on_reply(&mut self, from: ConnId, msg: &Message) {
@@ -899,7 +899,7 @@ impl Bus {
             if let Some(u) = self.peers.get(&c.caller).map(|p| p.unique.clone()) {
                 copy.props.user.push((Arc::from(prop::DESTINATION), u));
             }
-            self.to_monitors(&Arc::new(copy), kind, Some(from), Some(c.caller));
+            self.copy_to_monitors(&Arc::new(copy), kind, Some(from), Some(c.caller));
         }
     }
 
@@ -931,7 +931,7 @@ impl Bus {
             None,
         );
         self.send(c.caller, m.clone(), c.qos);
-        self.to_monitors(&m, Kind::Error, None, Some(c.caller));
+        self.copy_to_monitors(&m, Kind::Error, None, Some(c.caller));
     }
 
     fn on_signal(&mut self, from: ConnId, rest: &str, msg: &Message) {
@@ -1016,7 +1016,7 @@ impl Bus {
                 self.send(l, m.clone(), qos);
             }
         }
-        self.to_monitors(&m, Kind::Signal, from, direct);
+        self.copy_to_monitors(&m, Kind::Signal, from, direct);
     }
 
     /// A signal from the bus itself (`NameOwnerChanged`, `NameAcquired`, `NameLost`).
@@ -1647,7 +1647,7 @@ mod tests {
             b"o",
         );
         taken(&mut b);
-        let mut refused = |b: &mut Broker, from: ConnId| {
+        let refused = |b: &mut Broker, from: ConnId| {
             call(b, from, "svc.never", "Wait", json!([]), b"w");
             seen(b)
                 .into_iter()
