@@ -18,8 +18,15 @@ cd "$(dirname "$0")/.."
 source benches/lib.sh
 command -v dbus-daemon >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dbus-daemon >/dev/null; }
 socklab=$(socklab_build)
-cargo build --release -q --manifest-path benches/bus-vs-dbus/Cargo.toml
-load=benches/bus-vs-dbus/target/release/bus-vs-dbus
+# The load program, where cargo says it put it (as socklab_build does for socklab).
+load=$(cargo build --release --manifest-path benches/bus-vs-dbus/Cargo.toml \
+  --message-format=json-render-diagnostics | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "bus-vs-dbus" and m.get("executable"):
+        print(m["executable"])')
+[ -x "$load" ] || { echo "cargo named no bus-vs-dbus executable" >&2; exit 1; }
 rounds=${ROUNDS:-5}
 secs=${SECS:-3}
 
