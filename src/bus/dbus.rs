@@ -123,8 +123,12 @@ pub mod error {
 pub struct BusConfig {
     /// Names one connection may own or wait for.
     pub max_names: usize,
-    /// Match rules per connection.
+    /// Match rules per connection (a monitor's rules too).
     pub max_rules: usize,
+    /// Match rules of all connections together (each signal is matched against them).
+    pub max_rules_total: usize,
+    /// Well-known names on the bus.
+    pub max_names_total: usize,
     /// Calls one connection may have waiting for replies.
     pub max_pending: usize,
     /// Calls all connections together may have waiting for replies (each costs the bus a
@@ -143,6 +147,8 @@ impl Default for BusConfig {
         BusConfig {
             max_names: 512,
             max_rules: 512,
+            max_rules_total: 100_000,
+            max_names_total: 100_000,
             max_pending: 1024,
             max_pending_total: 100_000,
             default_timeout: Duration::from_secs(25),
@@ -202,6 +208,8 @@ pub struct Bus {
     listeners: Vec<ConnId>,
     monitors: Vec<ConnId>,
     calls: HashMap<u64, Call>,
+    /// Match rules of every connection (listeners' and monitors'), against `max_rules_total`.
+    rules_total: usize,
     deadlines: BTreeSet<(Instant, u64)>,
     next_serial: u64,
     id: String,
@@ -356,6 +364,7 @@ impl Bus {
             listeners: Vec::new(),
             monitors: Vec::new(),
             calls: HashMap::new(),
+            rules_total: 0,
             deadlines: BTreeSet::new(),
             next_serial: 0,
             id: format!("{:032x}", t ^ ((std::process::id() as u128) << 64)),
@@ -449,6 +458,7 @@ impl Bus {
         let Some(peer) = self.peers.remove(&conn) else {
             return;
         };
+        self.rules_total -= peer.rules.len() + peer.monitor.as_ref().map_or(0, Vec::len);
         self.by_unique.remove(&peer.unique);
         if !self.listeners.is_empty() || !self.monitors.is_empty() {
             self.name_owner_changed(&peer.unique, &peer.unique, "");
@@ -1128,8 +1138,25 @@ impl Bus {
                             "argument 0 must be an array of match rules".into(),
                         ));
                     };
+                    let mine = self.peers.get(&from).map_or(0, |p| p.rules.len());
+                    if list.len() > self.cfg.max_rules
+                        || self.rules_total - mine + list.len() > self.cfg.max_rules_total
+                    {
+                        return Err((
+                            error::LIMITS_EXCEEDED,
+                            format!(
+                                "at most {} match rules per connection, {} on the bus",
+                                self.cfg.max_rules, self.cfg.max_rules_total
+                            ),
+                        ));
+                    }
                     for r in list {
-                        let text = r.as_str().unwrap_or("");
+                        let Some(text) = r.as_str() else {
+                            return Err((
+                                error::INVALID_ARGS,
+                                "argument 0 must be an array of match rules (strings)".into(),
+                            ));
+                        };
                         rules.push(
                             Rule::parse(text)
                                 .map_err(|e| (error::MATCH_RULE_INVALID, e.to_string()))?,
@@ -1141,6 +1168,8 @@ impl Bus {
                 self.names.remove_owner(from, &mut events);
                 self.name_events(events);
                 if let Some(p) = self.peers.get_mut(&from) {
+                    let old = p.rules.len() + p.monitor.as_ref().map_or(0, Vec::len);
+                    self.rules_total = self.rules_total - old + rules.len();
                     p.rules.clear();
                     p.monitor = Some(rules);
                 }
@@ -1190,6 +1219,16 @@ impl Bus {
                     return Err((
                         error::ACCESS_DENIED,
                         format!("not allowed to own the name {name}"),
+                    ));
+                }
+                if self.names.owner(name).is_none() && self.names.len() >= self.cfg.max_names_total
+                {
+                    return Err((
+                        error::LIMITS_EXCEEDED,
+                        format!(
+                            "the bus holds {} names, its limit",
+                            self.cfg.max_names_total
+                        ),
                     ));
                 }
                 let mut events = Vec::new();
@@ -1285,7 +1324,17 @@ impl Bus {
                         format!("a connection may add at most {max} match rules"),
                     ));
                 }
+                if self.rules_total >= self.cfg.max_rules_total {
+                    return Err((
+                        error::LIMITS_EXCEEDED,
+                        format!(
+                            "the bus holds {} match rules, its limit",
+                            self.cfg.max_rules_total
+                        ),
+                    ));
+                }
                 p.rules.push(rule);
+                self.rules_total += 1;
                 if !self.listeners.contains(&from) {
                     self.listeners.push(from);
                 }
@@ -1304,6 +1353,7 @@ impl Bus {
                     ));
                 };
                 p.rules.remove(i);
+                self.rules_total -= 1;
                 if p.rules.is_empty() {
                     self.listeners.retain(|c| *c != from);
                 }
@@ -1669,6 +1719,81 @@ mod tests {
             .count();
         assert_eq!(no_reply, 5);
         assert_eq!(b.bus().pending_calls(), 0);
+    }
+
+    #[test]
+    fn rules_and_names_are_capped_per_connection_and_on_the_bus() {
+        let cfg = BrokerConfig {
+            bus: BusConfig {
+                max_rules: 3,
+                max_rules_total: 4,
+                max_names_total: 2,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let mut b = Broker::new(cfg, Arc::new(AllowAll), Instant::now());
+        for c in [1, 2, 3] {
+            connect(&mut b, c);
+        }
+        let add = |b: &mut Broker, c: ConnId, rule: &str| {
+            call(b, c, DRIVER, "AddMatch", json!([rule]), b"m");
+            seen(b).pop().map(|s| s.2).unwrap_or_default()
+        };
+        for r in ["member='A'", "member='B'", "member='C'"] {
+            assert_eq!(add(&mut b, 1, r), "");
+        }
+        assert_eq!(add(&mut b, 1, "member='D'"), error::LIMITS_EXCEEDED);
+        assert_eq!(add(&mut b, 2, "member='A'"), "");
+        assert_eq!(add(&mut b, 2, "member='B'"), error::LIMITS_EXCEEDED);
+        // A monitor's rules count too, and a list longer than the per-connection cap fails.
+        call(
+            &mut b,
+            3,
+            DRIVER,
+            "BecomeMonitor",
+            json!([["", "", "", ""], 0]),
+            b"m",
+        );
+        assert_eq!(seen(&mut b)[0].2, error::LIMITS_EXCEEDED);
+        // Rules come back when they are removed or their connection goes.
+        call(
+            &mut b,
+            1,
+            DRIVER,
+            "RemoveMatch",
+            json!(["member='A'"]),
+            b"m",
+        );
+        taken(&mut b);
+        assert_eq!(add(&mut b, 2, "member='B'"), "");
+        b.closed(1, true, Instant::now());
+        taken(&mut b);
+        call(&mut b, 3, DRIVER, "BecomeMonitor", json!([[1], 0]), b"m");
+        assert_eq!(seen(&mut b)[0].2, error::INVALID_ARGS);
+        call(
+            &mut b,
+            3,
+            DRIVER,
+            "BecomeMonitor",
+            json!([["", ""], 0]),
+            b"m",
+        );
+        assert_eq!(seen(&mut b).pop().unwrap().1, "method_return");
+        // Names: two on the bus; queueing for an existing one is still possible. (Connection
+        // 3 monitors: only what the requester itself gets is looked at.)
+        let ask = |b: &mut Broker, c: ConnId, n: &str| {
+            call(b, c, DRIVER, "RequestName", json!([n, 0]), b"o");
+            let mine: Vec<_> = seen(b).into_iter().filter(|s| s.0 == c).collect();
+            let last = mine.last().cloned().unwrap();
+            (last.2, last.3)
+        };
+        assert_eq!(ask(&mut b, 2, "a.a"), (String::new(), vec![json!(1)]));
+        assert_eq!(ask(&mut b, 2, "b.b"), (String::new(), vec![json!(1)]));
+        connect(&mut b, 4);
+        taken(&mut b);
+        assert_eq!(ask(&mut b, 4, "c.c").0, error::LIMITS_EXCEEDED);
+        assert_eq!(ask(&mut b, 4, "a.a"), (String::new(), vec![json!(2)]));
     }
 
     /// Refuses the name `no.own` and calls of `Wipe` on anything.
