@@ -341,7 +341,10 @@ for v5 in (False, True):
         c.loop_start()
         return c
     spy = mk("spy", "spy", "s", "spy")
+    spy_ready = threading.Event()
+    spy.on_subscribe = lambda *a, **k: spy_ready.set()
     spy.subscribe("#", qos=1)
+    assert spy_ready.wait(10), "the spy's SUBACK"
     alice = mk("cid1", "alice", "a", "alice")
     granted = {}
     done = threading.Event()
@@ -359,7 +362,13 @@ for v5 in (False, True):
     for t in TOPICS:
         alice.publish(t, b"a:" + t.encode(), qos=1).wait_for_publish(5)
         w.publish(t, b"w:" + t.encode(), qos=1).wait_for_publish(5)
-    time.sleep(0.5)
+    # Wait for what must arrive (a loaded machine delays it), then a little for what must not.
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        with lock:
+            if set(got["spy"]) == set(TOPICS) and len(got["alice"]) >= 6: break
+        time.sleep(0.05)
+    time.sleep(0.3)
     with lock:
         spy_seen = sorted(set(got["spy"]))
         alice_seen = sorted(got["alice"])
