@@ -171,6 +171,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         ModelKind::Prefork => model::prefork::run(&listener, ctx, &mut signals),
         ModelKind::Thread => model::thread::run(&listener, ctx, &signals),
         ModelKind::Pool => model::pool::run(&listener, ctx, &signals),
+        ModelKind::Select => model::select::run(&listener, ctx, &signals),
         ModelKind::Poll => model::poll::run(&listener, ctx, &signals),
         ModelKind::Epoll => model::epoll::run(&listener, ctx, &signals),
         ModelKind::Reactors => model::reactors::run(&listener, ctx, &signals, listen_opts),

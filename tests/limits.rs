@@ -12,7 +12,7 @@ use util::*;
 #[test]
 fn max_conns_closes_the_extra_connection_and_recovers() {
     for model in [
-        "fork", "thread", "pool", "poll", "epoll", "reactors", "tokio",
+        "fork", "thread", "pool", "select", "poll", "epoll", "reactors", "tokio",
     ] {
         let srv = Server::tcp("reverse", model, &["--max-conns", "2"]);
         let mut a = srv.connect();
@@ -66,23 +66,11 @@ fn idle_connections_are_closed_after_the_timeout() {
 /// the pending ones, and accepts them once descriptors are free again.
 #[test]
 fn descriptor_exhaustion_pauses_accepts_without_spinning() {
-    for model in ["thread", "poll", "epoll", "reactors", "tokio"] {
-        let cmd = format!(
-            "ulimit -n 48; exec {BIN} serve reverse --model {model} --listen 127.0.0.1:0 --workers 1"
+    for model in ["thread", "select", "poll", "epoll", "reactors", "tokio"] {
+        let (mut child, addr) = start_with_nofile(
+            48,
+            &format!("reverse --model {model} --listen 127.0.0.1:0 --workers 1"),
         );
-        let mut child = Command::new("sh")
-            .args(["-c", &cmd])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        let addr = line.trim().to_string();
         let pid = child.id();
         let connect = || {
             let s = TcpStream::connect(&addr).unwrap();

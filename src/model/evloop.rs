@@ -1,11 +1,14 @@
-//! What the event-loop designs (`poll`, `epoll`, `reactors`) share: a connection's state and
-//! the one function that moves its bytes when the socket is ready, a slab of connections
-//! indexed by token, and the idle-timeout and shutdown bookkeeping.
+//! What the event-loop designs (`select`, `poll`, `epoll`, `reactors`) share: a connection's
+//! state and the one function that moves its bytes when the socket is ready, a slab of
+//! connections indexed by token, and the idle-timeout and shutdown bookkeeping; and what the
+//! two loops that rebuild their descriptor list every round (`select`, `poll`) do alike once
+//! readiness is known ([`drive_level`], [`accept_batch`], [`stop_level`]).
 //!
-//! The loops differ only in how they learn readiness (`poll` rebuilds an array each round,
-//! `epoll` keeps an interest list in the kernel) and in edge vs level triggering.
+//! The loops differ only in how they learn readiness (`select` fills bit sets and `poll` an
+//! array each round, `epoll` keeps an interest list in the kernel) and in edge vs level
+//! triggering.
 
-use crate::model::{contain, Ctx, End, Slot, ADMIT_WAIT};
+use crate::model::{accept, accept_action, contain, AcceptAction, Ctx, End, Slot, ADMIT_WAIT};
 use crate::output::{Flush, Outbox};
 use crate::service::Session;
 use crate::signals;
@@ -487,6 +490,91 @@ impl<'a> Book<'a> {
 pub struct Expired {
     /// The accept pause is over.
     pub resume_accept: bool,
+}
+
+/// Drive connection `t` of a level-triggered loop (one read per readiness report) and apply
+/// the outcome: remember the interest it wants next round, or close it.
+pub fn drive_level(book: &mut Book<'_>, t: usize, buf: &mut [u8], now: Instant) {
+    let Some(conn) = book.conns.get_mut(t) else {
+        return;
+    };
+    match conn.drive(buf, false, now) {
+        Step::Keep(i) => {
+            conn.registered = i;
+            book.watch(t);
+        }
+        Step::Close(end) => {
+            book.close(t, end);
+        }
+    }
+}
+
+/// Accept up to a batch of connections on a readable listener and serve what they already
+/// sent. `watchable` sees each new socket first and may refuse it (logging why): `select`
+/// cannot watch a descriptor at or above `FD_SETSIZE`. Returns `false` when accepting must
+/// pause (descriptors ran out; a resume deadline is queued).
+///
+/// # Errors
+/// A fatal listener error.
+pub fn accept_batch<'a>(
+    listener: &Socket,
+    ctx: &'a Ctx,
+    book: &mut Book<'a>,
+    buf: &mut [u8],
+    now: Instant,
+    watchable: impl Fn(&Socket, &socket2::SockAddr) -> bool,
+) -> io::Result<bool> {
+    for _ in 0..64 {
+        let (sock, peer) = match accept(listener, true) {
+            Ok(x) => x,
+            Err(e) => match accept_action(&e) {
+                AcceptAction::Wait => break,
+                AcceptAction::Retry => continue,
+                AcceptAction::Pause(d) => {
+                    book.timers.insert(now + d, TimerKey::ResumeAccept);
+                    return Ok(false);
+                }
+                AcceptAction::Fatal => return Err(e),
+            },
+        };
+        if !watchable(&sock, &peer) {
+            continue;
+        }
+        match ctx.try_admit(&peer) {
+            Some(slot) => register_level(ctx, book, sock, slot, buf, now),
+            None => book.park(ctx, sock, peer, now),
+        }
+    }
+    Ok(true)
+}
+
+/// Open the session of an admitted connection of a level-triggered loop and serve what
+/// already arrived.
+pub fn register_level<'a>(
+    ctx: &'a Ctx,
+    book: &mut Book<'a>,
+    sock: Socket,
+    slot: Slot<'a>,
+    buf: &mut [u8],
+    now: Instant,
+) {
+    match Conn::new(sock, slot, ctx, now) {
+        Ok(conn) => {
+            let t = book.add(conn, now);
+            drive_level(book, t, buf, now);
+        }
+        Err((end, slot)) => end.log(&slot.peer),
+    }
+}
+
+/// A stop was requested in a level-triggered loop: stop listening, start the grace period,
+/// answer what already arrived and close the idle connections.
+pub fn stop_level(listener: &Socket, ctx: &Ctx, book: &mut Book<'_>, buf: &mut [u8], now: Instant) {
+    crate::model::stop_listening(listener);
+    book.begin_stop(ctx.opts.grace, now);
+    for t in book.conns.tokens() {
+        drive_level(book, t, buf, now);
+    }
 }
 
 #[cfg(test)]

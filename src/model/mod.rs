@@ -7,6 +7,7 @@
 //! | `prefork` | [`prefork`] | N processes blocking in `accept` on one listener |
 //! | `thread` | [`thread`] | a thread per connection |
 //! | `pool` | [`pool`] | a dispatcher and N worker threads around a bounded queue |
+//! | `select` | [`select`] | one thread, `select(2)` on `fd_set`s (descriptors below 1024) |
 //! | `poll` | [`poll`] | one thread, `poll(2)` |
 //! | `epoll` | [`epoll`] | one thread, `epoll`, edge- or level-triggered |
 //! | `reactors` | [`reactors`] | N epoll loops, each with its own `SO_REUSEPORT` listener |
@@ -28,6 +29,7 @@ pub mod poll;
 pub mod pool;
 pub mod prefork;
 pub mod reactors;
+pub mod select;
 pub mod thread;
 pub mod tokio;
 
@@ -57,6 +59,8 @@ pub enum ModelKind {
     Thread,
     /// A dispatcher thread and `--workers` threads around a bounded queue.
     Pool,
+    /// One thread, non-blocking sockets, `select(2)` (descriptors below `FD_SETSIZE` only).
+    Select,
     /// One thread, non-blocking sockets, `poll(2)`.
     Poll,
     /// One thread, non-blocking sockets, `epoll` (`--trigger edge|level`).
@@ -69,12 +73,13 @@ pub enum ModelKind {
 
 impl ModelKind {
     /// Every model, in the order the course introduces them.
-    pub const ALL: [ModelKind; 9] = [
+    pub const ALL: [ModelKind; 10] = [
         ModelKind::Iterative,
         ModelKind::Fork,
         ModelKind::Prefork,
         ModelKind::Thread,
         ModelKind::Pool,
+        ModelKind::Select,
         ModelKind::Poll,
         ModelKind::Epoll,
         ModelKind::Reactors,
@@ -89,6 +94,7 @@ impl ModelKind {
             ModelKind::Prefork => "prefork",
             ModelKind::Thread => "thread",
             ModelKind::Pool => "pool",
+            ModelKind::Select => "select",
             ModelKind::Poll => "poll",
             ModelKind::Epoll => "epoll",
             ModelKind::Reactors => "reactors",
