@@ -151,14 +151,22 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         grace: args.grace,
         max_conns: args.max_conns,
     };
+    if model == ModelKind::Uring {
+        // Refuse at once, before listening, if this system does not allow io_uring.
+        model::uring::probe().map_err(|why| UsageError(format!("--model uring: {why}")))?;
+    }
     let listen_opts = ListenOptions {
         backlog: args.backlog,
-        reuse_port: model == ModelKind::Reactors,
+        reuse_port: matches!(model, ModelKind::Reactors | ModelKind::Uring),
     };
     let listener = Listener::open(&endpoint, listen_opts)?;
     announce(&listener.local)?;
     match model {
-        ModelKind::Prefork | ModelKind::Pool | ModelKind::Reactors | ModelKind::Tokio => {
+        ModelKind::Prefork
+        | ModelKind::Pool
+        | ModelKind::Reactors
+        | ModelKind::Uring
+        | ModelKind::Tokio => {
             tracing::info!(service = %args.service, %model, workers, "listening on {}", listener.local)
         }
         _ => tracing::info!(service = %args.service, %model, "listening on {}", listener.local),
@@ -175,6 +183,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         ModelKind::Poll => model::poll::run(&listener, ctx, &signals),
         ModelKind::Epoll => model::epoll::run(&listener, ctx, &signals),
         ModelKind::Reactors => model::reactors::run(&listener, ctx, &signals, listen_opts),
+        ModelKind::Uring => model::uring::run(&listener, ctx, &signals, listen_opts),
         ModelKind::Tokio => model::tokio::run(&listener, ctx, &signals),
     };
     result.with_context(|| format!("{model} server"))?;

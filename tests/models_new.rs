@@ -6,6 +6,7 @@ mod util;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 use util::*;
 
@@ -35,7 +36,11 @@ fn try_reverse(s: &mut TcpStream, data: &[u8]) -> Option<Vec<u8>> {
 #[test]
 fn select_refuses_descriptors_past_fd_setsize_and_serves_the_rest() {
     raise_nofile(4096);
-    let (mut child, addr) = start_with_nofile(4096, "reverse --model select --listen 127.0.0.1:0");
+    let srv = start_with_shell(
+        "ulimit -n 4096",
+        &["reverse", "--model", "select", "--listen", "127.0.0.1:0"],
+    );
+    let addr = srv.addr.clone();
     let n = 1100;
     let mut conns: Vec<TcpStream> = (0..n)
         .map(|_| {
@@ -88,16 +93,8 @@ fn select_refuses_descriptors_past_fd_setsize_and_serves_the_rest() {
         Some(b"tsrif".to_vec())
     );
     drop((conns, fresh));
-    signal(child.id(), libc::SIGTERM);
-    let status = wait_timeout(&mut child, Duration::from_secs(15)).expect("exit");
-    assert!(status.success());
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let (status, err) = srv.stop();
+    assert!(status.success(), "{err}");
     let refusals = err.matches("select cannot watch descriptor").count();
     // (A retry of the fresh connection may have been refused too, before the server had seen
     // the others close.)
@@ -107,4 +104,206 @@ fn select_refuses_descriptors_past_fd_setsize_and_serves_the_rest() {
     );
     assert!(err.contains("FD_SETSIZE is 1024"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
+}
+
+/// Many connections sending at once through a loop with only 16 receive buffers of 16 KiB:
+/// the kernel runs out of buffers again and again (each receive ends with ENOBUFS and is
+/// re-armed), and every byte still arrives, in order, and is answered exactly.
+#[test]
+fn uring_short_of_receive_buffers_loses_no_byte() {
+    let srv = start_with_shell(
+        "export SOCKLAB_URING_BUFFERS=16",
+        &[
+            "reverse",
+            "--model",
+            "uring",
+            "--workers",
+            "2",
+            "--listen",
+            "127.0.0.1:0",
+            "-v",
+        ],
+    );
+    let addr = srv.addr.clone();
+    let clients: Vec<_> = (0..256u64)
+        .map(|c| {
+            let addr = addr.clone();
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(&addr).unwrap();
+                s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+                let data = bytes(c, 1 << 20);
+                let got = reverse(&mut s, &data);
+                assert!(got == reversed(&data), "connection {c}: answer differs");
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().expect("a client failed");
+    }
+    let (status, err) = srv.stop();
+    assert!(status.success(), "{err}");
+    assert!(
+        err.contains("receive buffers ran out"),
+        "the loop was never short of buffers: the test proved nothing"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// Build a tiny C program (as tests/clients.rs does with `cln_rev`) that installs a seccomp
+/// filter making `io_uring_setup` fail with `errno`, then execs its arguments: a system
+/// where io_uring is refused (`EPERM`: a sandbox, `kernel.io_uring_disabled`) or absent
+/// (`ENOSYS`), without touching the machine's settings.
+fn no_uring_wrapper(dir: &std::path::Path) -> std::path::PathBuf {
+    let src = dir.join("no_uring.c");
+    std::fs::write(
+        &src,
+        r#"
+#include <errno.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+/* usage: no_uring ERRNO PROGRAM ARGS... */
+int main(int argc, char **argv) {
+    if (argc < 3) return 2;
+    struct sock_filter code[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_io_uring_setup, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | (atoi(argv[1]) & SECCOMP_RET_DATA)),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    };
+    struct sock_fprog prog = { sizeof code / sizeof code[0], code };
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) || prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog)) {
+        perror("seccomp");
+        return 2;
+    }
+    execv(argv[2], argv + 2);
+    perror("execv");
+    return 2;
+}
+"#,
+    )
+    .unwrap();
+    let exe = dir.join("no_uring");
+    let cc = Command::new("cc")
+        .args(["-O2", "-o"])
+        .arg(&exe)
+        .arg(&src)
+        .status()
+        .expect("a C compiler (cc) is needed for this test");
+    assert!(cc.success());
+    exe
+}
+
+/// `--model uring` where io_uring is refused or missing: one line naming the cause and the
+/// alternative, exit 2, nothing served -- never a silent fallback to another design.
+#[test]
+fn uring_unavailable_fails_at_start_with_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let wrapper = no_uring_wrapper(dir.path());
+    for (errno, cause) in [
+        (libc::EPERM, "io_uring_disabled"),
+        (libc::ENOSYS, "no io_uring"),
+    ] {
+        let out = Command::new(&wrapper)
+            .arg(errno.to_string())
+            .args([
+                BIN,
+                "serve",
+                "echo",
+                "--model",
+                "uring",
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "errno {errno}: {err}");
+        assert!(out.stdout.is_empty(), "it listened: {:?}", out.stdout);
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(
+            err.contains("io_uring is not available") && err.contains(cause),
+            "{err}"
+        );
+        assert!(err.contains("--model reactors"), "{err}");
+        // The same filter leaves the other designs alone.
+        let ok = Command::new(&wrapper)
+            .arg(errno.to_string())
+            .args([BIN, "lab", "--list"])
+            .output()
+            .unwrap();
+        assert!(ok.status.success());
+    }
+}
+
+/// Files larger than a pipe, a read block and a mapping window, to a reader that takes its
+/// time (so sends complete partly and resume), under every `--send` strategy, byte for byte;
+/// and an HTTP head that never completes gets its 408, under both new designs.
+#[test]
+fn new_models_send_big_files_with_every_strategy_and_time_out_slow_heads() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = bytes(9, 9 << 20);
+    std::fs::write(dir.path().join("big.bin"), &data).unwrap();
+    let root = dir.path().to_str().unwrap();
+    for model in ["uring", "select"] {
+        for send in ["read", "mmap", "sendfile"] {
+            let srv = Server::start(&[
+                "http",
+                "--root",
+                root,
+                "--model",
+                model,
+                "--send",
+                send,
+                "--workers",
+                "2",
+                "--header-timeout",
+                "500ms",
+                "--listen",
+                "127.0.0.1:0",
+            ]);
+            let mut s = srv.connect();
+            s.write_all(b"GET /big.bin HTTP/1.1\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(200));
+            let mut answer = Vec::new();
+            let mut chunk = vec![0u8; 256 << 10];
+            loop {
+                let n = s.read(&mut chunk).unwrap();
+                if n == 0 {
+                    break;
+                }
+                answer.extend_from_slice(&chunk[..n]);
+                if answer.len() < 2 << 20 {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+            let head_end = answer.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+            assert!(answer.starts_with(b"HTTP/1.1 200 OK"), "{model}/{send}");
+            assert!(
+                answer[head_end..] == data[..],
+                "{model}/{send}: body differs"
+            );
+
+            let mut slow = srv.connect();
+            slow.write_all(b"GET /big.bin HTTP/1.1\r\nHost: sl")
+                .unwrap();
+            let mut rest = Vec::new();
+            slow.read_to_end(&mut rest).unwrap();
+            assert!(
+                rest.starts_with(b"HTTP/1.1 408"),
+                "{model}/{send}: {:?}",
+                String::from_utf8_lossy(&rest)
+            );
+            let (status, err) = srv.stop();
+            assert!(status.success(), "{model}/{send}: {err}");
+        }
+    }
 }

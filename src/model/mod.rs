@@ -11,6 +11,7 @@
 //! | `poll` | [`poll`] | one thread, `poll(2)` |
 //! | `epoll` | [`epoll`] | one thread, `epoll`, edge- or level-triggered |
 //! | `reactors` | [`reactors`] | N epoll loops, each with its own `SO_REUSEPORT` listener |
+//! | `uring` | [`uring`] | N io_uring loops (the kernel does the I/O), each with its own listener |
 //! | `tokio` | [`tokio`] | the same sessions on a tokio runtime: the reference point |
 //!
 //! Shared here: the [`Ctx`] every model receives (service, options, connection limit),
@@ -32,6 +33,7 @@ pub mod reactors;
 pub mod select;
 pub mod thread;
 pub mod tokio;
+pub mod uring;
 
 use crate::net::{display_addr, Listener};
 use crate::output::Flush;
@@ -67,13 +69,15 @@ pub enum ModelKind {
     Epoll,
     /// `--workers` epoll loops, each with its own `SO_REUSEPORT` listener.
     Reactors,
+    /// `--workers` io_uring loops, each with its own `SO_REUSEPORT` listener.
+    Uring,
     /// The sessions driven by a tokio multi-threaded runtime.
     Tokio,
 }
 
 impl ModelKind {
     /// Every model, in the order the course introduces them.
-    pub const ALL: [ModelKind; 10] = [
+    pub const ALL: [ModelKind; 11] = [
         ModelKind::Iterative,
         ModelKind::Fork,
         ModelKind::Prefork,
@@ -83,6 +87,7 @@ impl ModelKind {
         ModelKind::Poll,
         ModelKind::Epoll,
         ModelKind::Reactors,
+        ModelKind::Uring,
         ModelKind::Tokio,
     ];
 
@@ -98,6 +103,7 @@ impl ModelKind {
             ModelKind::Poll => "poll",
             ModelKind::Epoll => "epoll",
             ModelKind::Reactors => "reactors",
+            ModelKind::Uring => "uring",
             ModelKind::Tokio => "tokio",
         }
     }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 pub const BIN: &str = env!("CARGO_BIN_EXE_socklab");
 
 /// Every server design, by its `--model` name.
-pub const MODELS: [&str; 10] = [
+pub const MODELS: [&str; 11] = [
     "iterative",
     "fork",
     "prefork",
@@ -22,6 +22,7 @@ pub const MODELS: [&str; 10] = [
     "poll",
     "epoll",
     "reactors",
+    "uring",
     "tokio",
 ];
 
@@ -319,23 +320,4 @@ pub fn start_with_shell(prefix: &str, args: &[&str]) -> Server {
         addr: line.trim().to_string(),
         stderr: Some(stderr),
     }
-}
-/// Start `socklab serve ARGS` under `ulimit -n NOFILE` (a shell sets it, then execs the
-/// server); returns the child, with its stderr piped, and the address it printed.
-pub fn start_with_nofile(nofile: u64, args: &str) -> (std::process::Child, String) {
-    let cmd = format!("ulimit -n {nofile} && exec {BIN} serve {args}");
-    let mut child = Command::new("sh")
-        .args(["-c", &cmd])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert!(!line.trim().is_empty(), "server did not start: {args}");
-    (child, line.trim().to_string())
 }
