@@ -10,7 +10,8 @@
 //! - [`output`]: the per-connection output queue (bytes and file regions) and the one
 //!   function every model uses to flush it, with the read/mmap/sendfile strategies.
 //! - [`model`]: the server designs, one file each: iterative, fork, prefork, thread, pool,
-//!   poll, epoll, reactors, tokio; and what they share (accept with back-off, connection
+//!   select, poll, epoll, reactors, uring (a directory: the loop, its connection, the ring,
+//!   the provided-buffer ring), tokio; and what they share (accept with back-off, connection
 //!   limits, shutdown, the blocking connection driver).
 //! - [`timer`]: the one timer structure of the event loops (deadlines kept ordered).
 //! - [`signals`]: SIGINT/SIGTERM/SIGCHLD turned into flags and a self-pipe wake-up.

@@ -59,7 +59,7 @@ use std::time::{Duration, Instant};
 /// While a connection has more than this many bytes waiting to be sent, it is not read.
 pub const OUTPUT_BOUND: usize = 256 * 1024;
 /// Submission queue entries per loop (completions: 16 times as many).
-const RING_ENTRIES: u32 = 512;
+const RING_ENTRIES: u16 = 512;
 /// Receive buffers per loop, and their size: 4 MiB of buffers per loop.
 const BUFFERS: u16 = 256;
 const BUFFER_SIZE: usize = 16 * 1024;
@@ -69,14 +69,16 @@ const FINISH_LIMIT: Duration = Duration::from_secs(1);
 /// After the loop ends, how long to wait for the kernel to finish cancelled operations.
 const DRAIN_LIMIT: Duration = Duration::from_secs(2);
 
-/// Receive buffers per loop: [`BUFFERS`], or `SOCKLAB_URING_BUFFERS` (a power of two up to
-/// 32768), which lets a test run the loop short of buffers.
-fn buffer_count() -> u16 {
-    std::env::var("SOCKLAB_URING_BUFFERS")
+/// A power of two up to 32768 from the environment variable `name`, or `default`: how
+/// `SOCKLAB_URING_BUFFERS` (receive buffers per loop) and `SOCKLAB_URING_ENTRIES`
+/// (submission entries per loop; completions: 16 times as many) let a test run the loop
+/// short of buffers and with a completion queue that overflows.
+fn tunable(name: &str, default: u16) -> u16 {
+    std::env::var(name)
         .ok()
         .and_then(|v| v.parse::<u16>().ok())
         .filter(|n| n.is_power_of_two() && *n <= 1 << 15)
-        .unwrap_or(BUFFERS)
+        .unwrap_or(default)
 }
 
 /// Check that this system lets us run io_uring loops: a ring can be set up and a buffer ring
@@ -210,8 +212,15 @@ struct Loop<'a> {
 
 impl<'a> Loop<'a> {
     fn new(ctx: &'a Ctx, listener: RawFd, signal: BorrowedFd<'a>) -> io::Result<Loop<'a>> {
-        let ring = Ring::new(RING_ENTRIES).map_err(|e| io::Error::other(ring::unavailable(&e)))?;
-        let bufs = BufRing::new(&ring.uring, buffer_count(), BUFFER_SIZE, 0)?;
+        let entries = tunable("SOCKLAB_URING_ENTRIES", RING_ENTRIES);
+        let ring =
+            Ring::new(entries.into()).map_err(|e| io::Error::other(ring::unavailable(&e)))?;
+        let bufs = BufRing::new(
+            &ring.uring,
+            tunable("SOCKLAB_URING_BUFFERS", BUFFERS),
+            BUFFER_SIZE,
+            0,
+        )?;
         Ok(Loop {
             ctx,
             ring,
