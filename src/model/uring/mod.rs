@@ -115,40 +115,8 @@ pub fn run(
     signals: &Signals,
     opts: ListenOptions,
 ) -> io::Result<()> {
-    let n = ctx.opts.workers.max(1);
-    let shared = listener.is_unix();
-    let mut listeners: Vec<Socket> = Vec::with_capacity(n);
-    for i in 0..n {
-        listeners.push(if shared || i == 0 {
-            listener.try_clone()?
-        } else {
-            listener
-                .sibling(ListenOptions {
-                    reuse_port: true,
-                    ..opts
-                })?
-                .try_clone()?
-        });
-    }
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = listeners
-            .iter()
-            .enumerate()
-            .map(|(i, l)| {
-                std::thread::Builder::new()
-                    .name(format!("uring-{i}"))
-                    .spawn_scoped(scope, move || run_loop(l, ctx, signals))
-            })
-            .collect();
-        let mut result = Ok(());
-        for h in handles {
-            match h.map(|h| h.join()) {
-                Ok(Ok(Ok(()))) => {}
-                Ok(Ok(Err(e))) | Err(e) => result = Err(e),
-                Ok(Err(_)) => result = Err(io::Error::other("an io_uring loop panicked")),
-            }
-        }
-        result
+    crate::model::reactors::on_each_listener(listener, ctx.opts.workers, opts, "uring", |l, _| {
+        run_loop(l, ctx, signals)
     })
 }
 
