@@ -312,3 +312,50 @@ fn new_models_send_big_files_with_every_strategy_and_time_out_slow_heads() {
         }
     }
 }
+
+/// `--send sendfile` under uring splices into the socket on kernel worker threads: the
+/// sockets are non-blocking, so a client that does not read makes the splice return at once
+/// (and the loop wait for room with a poll) instead of holding a worker thread. 64 clients
+/// that request a big file and never read leave the server with a handful of threads, not
+/// one per client, and it goes on serving everyone else.
+#[test]
+fn uring_sendfile_to_readers_that_stall_holds_no_thread_per_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = std::fs::File::create(dir.path().join("big.img")).unwrap();
+    f.set_len(256 << 20).unwrap();
+    std::fs::write(dir.path().join("small.txt"), b"small\n").unwrap();
+    let srv = Server::start(&[
+        "http",
+        "--root",
+        dir.path().to_str().unwrap(),
+        "--model",
+        "uring",
+        "--send",
+        "sendfile",
+        "--workers",
+        "2",
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    let stalled: Vec<TcpStream> = (0..64)
+        .map(|_| {
+            let mut s = srv.connect();
+            s.write_all(b"GET /big.img HTTP/1.1\r\n\r\n").unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let threads = std::fs::read_dir(format!("/proc/{}/task", srv.pid()))
+        .unwrap()
+        .count();
+    assert!(threads < 32, "{threads} threads for 64 stalled readers");
+    let mut s = srv.connect();
+    s.write_all(b"GET /small.txt HTTP/1.1\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert!(answer.ends_with("small\n"), "{answer}");
+    drop(stalled);
+    let (status, err) = srv.stop();
+    assert!(status.success(), "{err}");
+}

@@ -75,7 +75,7 @@ impl Pipe {
 /// One connection of a loop.
 #[derive(Debug)]
 pub struct Conn<'a> {
-    /// The (blocking) socket: the ring does the waiting.
+    /// The socket (non-blocking; see [`Ring::accept`]).
     pub sock: Socket,
     /// Distinguishes this connection from earlier ones with the same token.
     pub gen: u32,
@@ -87,6 +87,8 @@ pub struct Conn<'a> {
     /// What the kernel is sending from (see the module doc).
     sending: Outbox,
     send: Sending,
+    /// The operation in flight is a poll for room to send: `send`'s step is retried after.
+    awaiting_room: bool,
     pipe: Option<Pipe>,
     block: Vec<u8>,
     /// A multishot receive is armed.
@@ -128,6 +130,7 @@ impl<'a> Conn<'a> {
             out,
             sending: ctx.service.outbox(),
             send: Sending::Idle,
+            awaiting_room: false,
             pipe: None,
             block: Vec::new(),
             recv_armed: false,
@@ -145,6 +148,16 @@ impl<'a> Conn<'a> {
     /// The peer's address, for logs.
     pub fn peer(&self) -> &str {
         &self.slot.peer
+    }
+
+    /// Whether input waits in the socket that no receive has reported yet (a connection
+    /// accepted just before a stop): such a connection is not idle.
+    pub fn input_waiting(&self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(
+            crate::model::recv(&self.sock, &mut b, libc::MSG_PEEK | libc::MSG_DONTWAIT),
+            Ok(1)
+        )
     }
 
     /// Output queued and not yet sent.
@@ -270,12 +283,35 @@ impl<'a> Conn<'a> {
     /// The operation failed (reset, broken pipe...), or a file turned out shorter than its
     /// region (the file shrank while being sent).
     pub fn output_completed(&mut self, res: i32, ring: &mut Ring, token: usize) -> io::Result<()> {
-        if res < 0 {
-            if matches!(-res, libc::EINTR | libc::EAGAIN) {
-                return self.submit(ring, token);
+        if std::mem::take(&mut self.awaiting_room) {
+            // The poll for room ended: retry the step it waited for.
+            if res < 0 {
+                self.send = Sending::Idle;
+                return Err(io::Error::from_raw_os_error(-res));
             }
-            self.send = Sending::Idle;
-            return Err(io::Error::from_raw_os_error(-res));
+            return self.submit(ring, token);
+        }
+        if res < 0 {
+            let to_socket = matches!(
+                self.send,
+                Sending::Bytes
+                    | Sending::Block { .. }
+                    | Sending::Map { .. }
+                    | Sending::SpliceOut { .. }
+            );
+            return match -res {
+                libc::EAGAIN if to_socket => {
+                    // The socket is full (a splice, run on a kernel worker, does not wait):
+                    // wait for room, then retry.
+                    self.awaiting_room = true;
+                    ring.poll_out(self.sock.as_raw_fd(), token, self.gen)
+                }
+                libc::EINTR | libc::EAGAIN => self.submit(ring, token),
+                errno => {
+                    self.send = Sending::Idle;
+                    Err(io::Error::from_raw_os_error(errno))
+                }
+            };
         }
         let n = res as usize;
         let truncated = || {
@@ -341,5 +377,6 @@ impl<'a> Conn<'a> {
     /// The output operation ended because the connection is closing: nothing more is sent.
     pub fn output_abandoned(&mut self) {
         self.send = Sending::Idle;
+        self.awaiting_room = false;
     }
 }

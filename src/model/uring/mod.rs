@@ -135,14 +135,20 @@ pub fn run_loop(listener: &Socket, ctx: &Ctx, signals: &Signals) -> io::Result<(
         while !lp.finished() {
             lp.ring.wait(lp.timers.timeout(Instant::now()), &mut done)?;
             let now = Instant::now();
+            let mut signal = false;
             for d in &done {
                 match d.op {
                     Some(Op::Accept) => lp.accepted(d, now)?,
-                    Some(Op::Signal) => lp.signalled(signals, listener, now)?,
+                    Some(Op::Signal) => signal = true,
                     Some(Op::Recv) => lp.received(d, now),
                     Some(Op::Send) => lp.sent(d, now),
                     Some(Op::Cancel) | None => {}
                 }
+            }
+            // After the rest of the batch: connections accepted and bytes received in the
+            // same turn as a stop request are served like those before it.
+            if signal {
+                lp.signalled(signals, listener, now)?;
             }
             lp.expire(now)?;
             lp.pump_touched(now);
@@ -228,10 +234,13 @@ impl<'a> Loop<'a> {
             self.accept_armed = false;
         }
         if d.res >= 0 {
+            // Accepted before a stop took effect: served like the others (closed at once if
+            // it sent nothing).
             let sock = ring::adopt(d.res);
-            if !self.stopping {
-                self.admit(sock, now);
-            }
+            let Ok(peer) = sock.peer_addr() else {
+                return self.arm_accept(); // reset by its peer already: nothing to serve
+            };
+            self.admit(sock, &peer, now);
         } else if !self.stopping {
             let err = io::Error::from_raw_os_error(-d.res);
             match accept_action(&err) {
@@ -258,18 +267,14 @@ impl<'a> Loop<'a> {
         Ok(())
     }
 
-    /// Take a new connection into the loop, within `--max-conns`.
-    fn admit(&mut self, sock: Socket, now: Instant) {
-        // The peer's address, for the logs (the multishot accept does not return it). A
-        // connection already reset by its peer has none: nothing to serve.
-        let Ok(peer) = sock.peer_addr() else {
-            return;
-        };
+    /// Take a new connection from `peer` into the loop, within `--max-conns`. (The
+    /// multishot accept does not return the peer's address: the caller asks the socket.)
+    fn admit(&mut self, sock: Socket, peer: &socket2::SockAddr, now: Instant) {
         if peer.is_ipv4() || peer.is_ipv6() {
             // Answers are small and written whole: do not let Nagle hold them back.
             let _ = sock.set_tcp_nodelay(true);
         }
-        let Some(slot) = self.ctx.admit(&peer) else {
+        let Some(slot) = self.ctx.admit(peer) else {
             return;
         };
         self.next_gen = (self.next_gen + 1) & 0xff_ffff;
@@ -294,6 +299,15 @@ impl<'a> Loop<'a> {
         self.accepting = false;
         if self.accept_armed {
             self.ring.cancel(tag(Op::Accept, 0, 0))?;
+        }
+        // Connections the kernel completed before the stop are served like the others
+        // (the multishot accept may not have reported them yet); then the listener refuses.
+        loop {
+            match crate::model::accept(listener, true) {
+                Ok((sock, peer)) => self.admit(sock, &peer, now),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
         }
         crate::model::stop_listening(listener);
         self.timers
@@ -426,7 +440,8 @@ impl<'a> Loop<'a> {
             if c.eof || c.session.done() {
                 return self.close(t, End::Closed);
             }
-            if self.stopping && !c.session.mid_request() && c.held.is_empty() {
+            if self.stopping && !c.session.mid_request() && c.held.is_empty() && !c.input_waiting()
+            {
                 return self.close(t, End::Shutdown);
             }
         }

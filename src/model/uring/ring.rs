@@ -173,11 +173,13 @@ impl Ring {
         unsafe { self.push(entry) }
     }
 
-    /// A multishot accept on `listener` (close-on-exec sockets, blocking: the ring does the
-    /// waiting).
+    /// A multishot accept on `listener`: close-on-exec, non-blocking sockets. (The ring's
+    /// sends and receives wait for readiness themselves whatever the flag; it matters for
+    /// `splice` into the socket, which runs on a kernel worker thread: non-blocking, it
+    /// returns `EAGAIN` instead of holding that thread while a peer does not read.)
     pub fn accept(&mut self, listener: RawFd) -> io::Result<()> {
         let e = opcode::AcceptMulti::new(types::Fd(listener))
-            .flags(libc::SOCK_CLOEXEC)
+            .flags(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
             .build()
             .user_data(tag(Op::Accept, 0, 0));
         self.push_plain(e)
@@ -188,6 +190,14 @@ impl Ring {
         let e = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
             .build()
             .user_data(tag(Op::Signal, 0, 0));
+        self.push_plain(e)
+    }
+
+    /// A one-shot poll for room to send on `fd`, as a connection's output operation.
+    pub fn poll_out(&mut self, fd: RawFd, token: usize, gen: u32) -> io::Result<()> {
+        let e = opcode::PollAdd::new(types::Fd(fd), libc::POLLOUT as u32)
+            .build()
+            .user_data(tag(Op::Send, token, gen));
         self.push_plain(e)
     }
 
