@@ -359,3 +359,29 @@ fn uring_sendfile_to_readers_that_stall_holds_no_thread_per_client() {
     let (status, err) = srv.stop();
     assert!(status.success(), "{err}");
 }
+
+/// A request still incomplete when the grace period ends is cut: the server closes it, logs
+/// how many it cut, and exits 0 soon after `--grace`, under both new designs.
+#[test]
+fn new_models_cut_unfinished_requests_when_the_grace_period_ends() {
+    for model in ["select", "uring"] {
+        let srv = Server::tcp("reverse", model, &["--grace", "500ms"]);
+        let mut s = srv.connect();
+        s.write_all(&1000u32.to_be_bytes()).unwrap();
+        s.write_all(&[7; 10]).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        let t = std::time::Instant::now();
+        let (status, err) = srv.stop();
+        let took = t.elapsed();
+        assert!(status.success(), "{model}: {err}");
+        assert!(
+            took >= Duration::from_millis(400) && took < Duration::from_secs(5),
+            "{model}: exited after {took:?}"
+        );
+        assert!(err.contains("grace period over"), "{model}: {err}");
+        assert!(
+            closed_by_peer(&mut s),
+            "{model}: the cut connection is open"
+        );
+    }
+}

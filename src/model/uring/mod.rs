@@ -151,9 +151,9 @@ pub fn run_loop(listener: &Socket, ctx: &Ctx, signals: &Signals) -> io::Result<(
                 lp.signalled(signals, listener, now)?;
             }
             lp.expire(now)?;
-            lp.pump_touched(now);
+            lp.pump_touched();
             if lp.grace_over {
-                lp.close_all();
+                lp.close_all(now);
             }
         }
         Ok(())
@@ -179,7 +179,12 @@ struct Loop<'a> {
     accepting: bool,
     accept_armed: bool,
     stopping: bool,
+    /// The grace period is over: close every connection.
     grace_over: bool,
+    /// They were closed: their operations are being cancelled.
+    cut_off: bool,
+    /// Cancelled operations did not finish in time either: leave the loop anyway.
+    abandon: bool,
     /// Connections to look at once this turn's completions are handled.
     touched: Vec<usize>,
 }
@@ -209,13 +214,16 @@ impl<'a> Loop<'a> {
             accept_armed: false,
             stopping: false,
             grace_over: false,
+            cut_off: false,
+            abandon: false,
             touched: Vec::new(),
         })
     }
 
-    /// Whether the loop may end: stopping, and every connection freed.
+    /// Whether the loop may end: stopping, and every connection freed (or, after the grace
+    /// period, their cancelled operations not finished within [`DRAIN_LIMIT`]).
     fn finished(&self) -> bool {
-        self.stopping && self.conns.is_empty()
+        self.stopping && (self.conns.is_empty() || self.abandon)
     }
 
     /// Look at connection `t` again at the end of this turn.
@@ -394,13 +402,13 @@ impl<'a> Loop<'a> {
     }
 
     /// Look at every connection touched this turn.
-    fn pump_touched(&mut self, now: Instant) {
+    fn pump_touched(&mut self) {
         let touched = std::mem::take(&mut self.touched);
         for &t in &touched {
             if let Some(c) = self.conns.get_mut(t) {
                 c.touched = false;
             }
-            self.pump(t, now);
+            self.pump(t);
         }
         self.touched = touched;
         self.touched.clear();
@@ -408,7 +416,7 @@ impl<'a> Loop<'a> {
 
     /// Move connection `t` along: feed input held back, start its next send, close it when
     /// done, and receive while its output is below the bound.
-    fn pump(&mut self, t: usize, _now: Instant) {
+    fn pump(&mut self, t: usize) {
         let Some(c) = self.conns.get_mut(t) else {
             return;
         };
@@ -535,7 +543,11 @@ impl<'a> Loop<'a> {
                     continue;
                 }
                 TimerKey::Grace => {
-                    self.grace_over = true;
+                    if self.cut_off {
+                        self.abandon = true;
+                    } else {
+                        self.grace_over = true;
+                    }
                     continue;
                 }
                 TimerKey::Conn(t) => t,
@@ -578,8 +590,9 @@ impl<'a> Loop<'a> {
         Ok(())
     }
 
-    /// The grace period is over: close every connection left.
-    fn close_all(&mut self) {
+    /// The grace period is over: close every connection left, and give their operations
+    /// [`DRAIN_LIMIT`] to finish.
+    fn close_all(&mut self, now: Instant) {
         let left: Vec<usize> = self
             .conns
             .iter()
@@ -596,6 +609,8 @@ impl<'a> Loop<'a> {
             self.close(t, End::Shutdown);
         }
         self.grace_over = false;
+        self.cut_off = true;
+        self.timers.insert(now + DRAIN_LIMIT, TimerKey::Grace);
     }
 
     /// The loop is over: cancel what is still in flight and wait (a bounded time) for the
