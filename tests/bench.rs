@@ -96,7 +96,7 @@ fn corrupting_server() -> (String, Arc<AtomicU64>) {
                         return;
                     }
                     d.reverse();
-                    if (counter.fetch_add(1, Ordering::SeqCst) + 1) % 1000 == 0 {
+                    if (counter.fetch_add(1, Ordering::SeqCst) + 1).is_multiple_of(1000) {
                         let mid = d.len() / 2;
                         d[mid] ^= 0x40;
                     }
