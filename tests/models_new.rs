@@ -275,7 +275,7 @@ fn new_models_send_big_files_with_every_strategy_and_time_out_slow_heads() {
                 "127.0.0.1:0",
             ]);
             let mut s = srv.connect();
-            s.write_all(b"GET /big.bin HTTP/1.1\r\nConnection: close\r\n\r\n")
+            s.write_all(b"GET /big.bin HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
                 .unwrap();
             std::thread::sleep(Duration::from_millis(200));
             let mut answer = Vec::new();
@@ -340,7 +340,8 @@ fn uring_sendfile_to_readers_that_stall_holds_no_thread_per_client() {
     let stalled: Vec<TcpStream> = (0..64)
         .map(|_| {
             let mut s = srv.connect();
-            s.write_all(b"GET /big.img HTTP/1.1\r\n\r\n").unwrap();
+            s.write_all(b"GET /big.img HTTP/1.1\r\nHost: t\r\n\r\n")
+                .unwrap();
             s
         })
         .collect();
@@ -350,7 +351,7 @@ fn uring_sendfile_to_readers_that_stall_holds_no_thread_per_client() {
         .count();
     assert!(threads < 32, "{threads} threads for 64 stalled readers");
     let mut s = srv.connect();
-    s.write_all(b"GET /small.txt HTTP/1.1\r\nConnection: close\r\n\r\n")
+    s.write_all(b"GET /small.txt HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
         .unwrap();
     let mut answer = String::new();
     s.read_to_string(&mut answer).unwrap();

@@ -288,6 +288,73 @@ pub const MAX_PARKED: usize = 64;
 /// How often a loop looks again at connections waiting for a slot.
 const ADMIT_RETRY: Duration = Duration::from_millis(2);
 
+/// Connections accepted over `--max-conns`, each waiting up to [`ADMIT_WAIT`] for a slot:
+/// the count lags a client's close by a loop's turn or another loop's. Every event loop
+/// keeps one (the readiness loops in their [`Book`], the io_uring loops beside theirs).
+#[derive(Debug, Default)]
+pub struct Parking {
+    parked: VecDeque<(Socket, SockAddr, Instant)>,
+    /// When the queued [`TimerKey::Admit`] deadline is.
+    timer: Option<Instant>,
+}
+
+impl Parking {
+    /// Let a connection over the limit wait for a slot, or close it at once if
+    /// [`MAX_PARKED`] already wait or the loop is `stopping`.
+    pub fn park(
+        &mut self,
+        ctx: &Ctx,
+        sock: Socket,
+        peer: SockAddr,
+        now: Instant,
+        stopping: bool,
+        timers: &mut Timers<TimerKey>,
+    ) {
+        if self.parked.len() >= MAX_PARKED || stopping {
+            ctx.refuse(&peer);
+            return;
+        }
+        self.parked.push_back((sock, peer, now + ADMIT_WAIT));
+        self.arm(now, timers);
+    }
+
+    fn arm(&mut self, now: Instant, timers: &mut Timers<TimerKey>) {
+        if self.timer.is_none() {
+            let at = now + ADMIT_RETRY;
+            timers.insert(at, TimerKey::Admit);
+            self.timer = Some(at);
+        }
+    }
+
+    /// Its [`TimerKey::Admit`] deadline was popped.
+    pub fn timer_fired(&mut self) {
+        self.timer = None;
+    }
+
+    /// Admit the waiting connections that now find a slot (returned, for the loop to
+    /// register), close those whose wait is over, and look again soon at the rest.
+    pub fn unpark<'a>(
+        &mut self,
+        ctx: &'a Ctx,
+        now: Instant,
+        stopping: bool,
+        timers: &mut Timers<TimerKey>,
+    ) -> Vec<(Socket, Slot<'a>)> {
+        let mut admitted = Vec::new();
+        for (sock, peer, deadline) in std::mem::take(&mut self.parked) {
+            match ctx.try_admit(&peer) {
+                Some(slot) => admitted.push((sock, slot)),
+                None if deadline <= now || stopping => ctx.refuse(&peer),
+                None => self.parked.push_back((sock, peer, deadline)),
+            }
+        }
+        if !self.parked.is_empty() {
+            self.arm(now, timers);
+        }
+        admitted
+    }
+}
+
 /// The idle-timeout and shutdown bookkeeping every event loop does the same way.
 #[derive(Debug)]
 pub struct Book<'a> {
@@ -300,11 +367,8 @@ pub struct Book<'a> {
     pub stopping: bool,
     /// The grace period is over: close everything.
     pub grace_over: bool,
-    /// Connections accepted over `--max-conns`, waiting (until the deadline) for a slot:
-    /// the count lags a client's close by a loop's turn or another loop's.
-    parked: VecDeque<(Socket, SockAddr, Instant)>,
-    /// When the queued [`TimerKey::Admit`] deadline is.
-    admit_timer: Option<Instant>,
+    /// Connections accepted over `--max-conns`, waiting for a slot.
+    parking: Parking,
 }
 
 impl<'a> Book<'a> {
@@ -316,45 +380,20 @@ impl<'a> Book<'a> {
             idle: Some(ctx.opts.idle_timeout).filter(|d| !d.is_zero()),
             stopping: false,
             grace_over: false,
-            parked: VecDeque::new(),
-            admit_timer: None,
+            parking: Parking::default(),
         }
     }
 
-    /// A connection over `--max-conns`: let it wait up to [`ADMIT_WAIT`] for a slot (see
-    /// [`Book::unpark`]), or close it at once if [`MAX_PARKED`] already wait.
+    /// A connection over `--max-conns`: let it wait for a slot (see [`Parking::park`]).
     pub fn park(&mut self, ctx: &Ctx, sock: Socket, peer: SockAddr, now: Instant) {
-        if self.parked.len() >= MAX_PARKED || self.stopping {
-            ctx.refuse(&peer);
-            return;
-        }
-        self.parked.push_back((sock, peer, now + ADMIT_WAIT));
-        self.arm_admit(now);
+        self.parking
+            .park(ctx, sock, peer, now, self.stopping, &mut self.timers);
     }
 
-    fn arm_admit(&mut self, now: Instant) {
-        if self.admit_timer.is_none() {
-            let at = now + ADMIT_RETRY;
-            self.timers.insert(at, TimerKey::Admit);
-            self.admit_timer = Some(at);
-        }
-    }
-
-    /// Admit the waiting connections that now find a slot (returned, for the loop to
-    /// register), close those whose wait is over, and look again soon at the rest.
+    /// The waiting connections that now find a slot (see [`Parking::unpark`]).
     pub fn unpark(&mut self, ctx: &'a Ctx, now: Instant) -> Vec<(Socket, Slot<'a>)> {
-        let mut admitted = Vec::new();
-        for (sock, peer, deadline) in std::mem::take(&mut self.parked) {
-            match ctx.try_admit(&peer) {
-                Some(slot) => admitted.push((sock, slot)),
-                None if deadline <= now || self.stopping => ctx.refuse(&peer),
-                None => self.parked.push_back((sock, peer, deadline)),
-            }
-        }
-        if !self.parked.is_empty() {
-            self.arm_admit(now);
-        }
-        admitted
+        self.parking
+            .unpark(ctx, now, self.stopping, &mut self.timers)
     }
 
     /// Add a connection and queue its idle deadline; returns its token.
@@ -411,7 +450,7 @@ impl<'a> Book<'a> {
             match key {
                 TimerKey::ResumeAccept => resume_accept = true,
                 TimerKey::Grace => self.grace_over = true,
-                TimerKey::Admit => self.admit_timer = None,
+                TimerKey::Admit => self.parking.timer_fired(),
                 TimerKey::Conn(t) => {
                     let Some(conn) = self.conns.get_mut(t) else {
                         continue;

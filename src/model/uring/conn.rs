@@ -14,7 +14,7 @@
 //!   `sendfile(2)` does inside the kernel, and the bytes never reach user space either).
 
 use super::ring::Ring;
-use crate::model::Slot;
+use crate::model::{contain, End, Slot};
 use crate::output::{Outbox, Piece, SendStrategy};
 use crate::service::Session;
 use crate::sys::Mapping;
@@ -113,16 +113,23 @@ pub struct Conn<'a> {
 
 impl<'a> Conn<'a> {
     /// A new connection: the session opens (daytime queues its line here).
+    ///
+    /// # Errors
+    /// [`End::Panic`] if opening the session panicked (the socket and slot are dropped:
+    /// closed and released).
     pub fn new(
         sock: Socket,
         slot: Slot<'a>,
         ctx: &crate::model::Ctx,
         gen: u32,
         now: Instant,
-    ) -> Self {
+    ) -> Result<Self, (End, Slot<'a>)> {
         let mut out = ctx.service.outbox();
-        let session = ctx.service.open(&mut out);
-        Conn {
+        let session = match contain(|| ctx.service.open(&mut out)) {
+            Ok(s) => s,
+            Err(end) => return Err((end, slot)),
+        };
+        Ok(Conn {
             sock,
             gen,
             slot,
@@ -142,12 +149,52 @@ impl<'a> Conn<'a> {
             last_active: now,
             deadline: None,
             touched: false,
-        }
+        })
+    }
+
+    /// Feed `data` to the session. The session's own steps run inside the panic boundary
+    /// ([`contain`]): a bug reached by this connection closes it, not the loop.
+    ///
+    /// # Errors
+    /// The protocol refused the input, or the session panicked.
+    pub fn feed(&mut self, data: &[u8]) -> Result<(), End> {
+        contain(|| self.session.receive(data, &mut self.out))?.map_err(End::Protocol)
+    }
+
+    /// The peer sent end-of-file: tell the session.
+    ///
+    /// # Errors
+    /// The peer stopped in the middle of a request, or the session panicked.
+    pub fn end_of_input(&mut self) -> Result<(), End> {
+        self.eof = true;
+        contain(|| self.session.end_of_input())?.map_err(End::Protocol)
+    }
+
+    /// The output drained while requests waited for it (`Session::has_backlog`): answer
+    /// them.
+    ///
+    /// # Errors
+    /// The session panicked.
+    pub fn resume(&mut self) -> Result<(), End> {
+        contain(|| self.session.resume(&mut self.out))
+    }
+
+    /// The session's own deadline passed (HTTP: queue the 408).
+    ///
+    /// # Errors
+    /// The session panicked.
+    pub fn deadline_passed(&mut self) -> Result<(), End> {
+        contain(|| self.session.on_deadline(&mut self.out))
     }
 
     /// The peer's address, for logs.
     pub fn peer(&self) -> &str {
         &self.slot.peer
+    }
+
+    /// Requests wait for the output to drain before they are answered.
+    pub fn has_backlog(&self) -> bool {
+        self.session.has_backlog()
     }
 
     /// Whether input waits in the socket that no receive has reported yet (a connection

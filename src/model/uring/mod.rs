@@ -42,8 +42,8 @@ mod bufring;
 mod conn;
 mod ring;
 
-use crate::model::evloop::{Slab, TimerKey};
-use crate::model::{accept_action, AcceptAction, Ctx, End};
+use crate::model::evloop::{Parking, Slab, TimerKey};
+use crate::model::{accept_action, AcceptAction, Ctx, End, Slot};
 use crate::net::{ListenOptions, Listener};
 use crate::signals::{self, Signals};
 use crate::timer::Timers;
@@ -171,6 +171,8 @@ struct Loop<'a> {
     conns: Slab<Conn<'a>>,
     /// Ordered deadlines: idle timeouts, HTTP head deadlines, accept resumption, grace.
     timers: Timers<TimerKey>,
+    /// Connections over `--max-conns` waiting a moment for a slot.
+    parking: Parking,
     idle: Option<Duration>,
     listener: RawFd,
     signal: BorrowedFd<'a>,
@@ -206,6 +208,7 @@ impl<'a> Loop<'a> {
             bufs,
             conns: Slab::new(),
             timers: Timers::new(),
+            parking: Parking::default(),
             idle: Some(ctx.opts.idle_timeout).filter(|d| !d.is_zero()),
             listener,
             signal,
@@ -282,13 +285,27 @@ impl<'a> Loop<'a> {
             // Answers are small and written whole: do not let Nagle hold them back.
             let _ = sock.set_tcp_nodelay(true);
         }
-        let Some(slot) = self.ctx.admit(peer) else {
-            return;
-        };
+        match self.ctx.try_admit(peer) {
+            Some(slot) => self.register(sock, slot, now),
+            None => self.parking.park(
+                self.ctx,
+                sock,
+                peer.clone(),
+                now,
+                self.stopping,
+                &mut self.timers,
+            ),
+        }
+    }
+
+    /// Open the session of an admitted connection; it is served from the end of the turn.
+    fn register(&mut self, sock: Socket, slot: Slot<'a>, now: Instant) {
         self.next_gen = (self.next_gen + 1) & 0xff_ffff;
-        let t = self
-            .conns
-            .insert(Conn::new(sock, slot, self.ctx, self.next_gen, now));
+        let conn = match Conn::new(sock, slot, self.ctx, self.next_gen, now) {
+            Ok(c) => c,
+            Err((end, slot)) => return end.log(&slot.peer),
+        };
+        let t = self.conns.insert(conn);
         if let Some(i) = self.idle {
             self.set_deadline(t, now + i);
         }
@@ -349,18 +366,11 @@ impl<'a> Loop<'a> {
                 Some(data) if c.recv_cancelled || !c.held.is_empty() => {
                     c.held.extend_from_slice(data)
                 }
-                Some(data) => {
-                    if let Err(e) = c.session.receive(data, &mut c.out) {
-                        end = Some(End::Protocol(e));
-                    }
-                }
+                Some(data) => end = c.feed(data).err(),
             }
         } else if d.res == 0 {
-            c.eof = true;
             c.last_active = now;
-            if let Err(e) = c.session.end_of_input() {
-                end = Some(End::Protocol(e));
-            }
+            end = c.end_of_input().err();
         } else {
             match -d.res {
                 libc::ENOBUFS => {
@@ -427,11 +437,11 @@ impl<'a> Loop<'a> {
         if !c.held.is_empty() && !c.recv_cancelled && c.pending_out() < OUTPUT_BOUND {
             // Reading resumes: what arrived meanwhile goes first.
             let held = std::mem::take(&mut c.held);
-            let fed = c.session.receive(&held, &mut c.out);
+            let fed = c.feed(&held);
             c.held = held;
             c.held.clear();
-            if let Err(e) = fed {
-                return self.close(t, End::Protocol(e));
+            if let Err(end) = fed {
+                return self.close(t, end);
             }
             self.watch(t);
         }
@@ -440,6 +450,15 @@ impl<'a> Loop<'a> {
         };
         if let Err(e) = c.start_output(&mut self.ring, t) {
             return self.close(t, End::Io(e));
+        }
+        if c.output_done() && c.has_backlog() {
+            // Requests waited for the output to drain (it just did): the next batch.
+            if let Err(end) = c.resume() {
+                return self.close(t, end);
+            }
+            if let Err(e) = c.start_output(&mut self.ring, t) {
+                return self.close(t, End::Io(e));
+            }
         }
         if c.output_done() {
             if let Some(end) = c.finishing.take() {
@@ -454,6 +473,7 @@ impl<'a> Loop<'a> {
             }
         }
         let want = !c.eof
+            && !c.has_backlog()
             && !c.session.done()
             && c.finishing.is_none()
             && c.held.is_empty()
@@ -551,7 +571,16 @@ impl<'a> Loop<'a> {
                     continue;
                 }
                 TimerKey::Conn(t) => t,
-                TimerKey::Admit => continue, // the loop does not park connections
+                TimerKey::Admit => {
+                    self.parking.timer_fired();
+                    let admitted =
+                        self.parking
+                            .unpark(self.ctx, now, self.stopping, &mut self.timers);
+                    for (sock, slot) in admitted {
+                        self.register(sock, slot, now);
+                    }
+                    continue;
+                }
             };
             let idle = self.idle;
             let Some(c) = self.conns.get_mut(t) else {
@@ -568,7 +597,10 @@ impl<'a> Loop<'a> {
             }
             if c.session.deadline().is_some_and(|d| d <= now) {
                 // The session's own deadline (HTTP: 408): sent, then the connection closes.
-                c.session.on_deadline(&mut c.out);
+                if let Err(end) = c.deadline_passed() {
+                    self.close(t, end);
+                    continue;
+                }
                 c.finishing = Some(End::Deadline);
                 self.set_deadline(t, now + FINISH_LIMIT);
                 self.touch(t);
