@@ -11,6 +11,7 @@
 # (every invariant is an assertion), hangs (-timeout) and runaway memory (-rss_limit_mb).
 # After a long run, shrink the corpus before committing it: `cargo fuzz cmin TARGET`.
 # `cargo test` replays every committed corpus entry (tests/fuzz_corpus.rs).
+# runs no socklab binary: cargo-fuzz builds the targets with the library linked in.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -11,8 +11,7 @@ conns=${1:-64}; secs=${2:-5}; rounds=${3:-6}
 threads=$(nproc)
 source benches/lib.sh
 ensure_tools nginx wrk curl
-cargo build --release -q
-socklab=target/release/socklab
+socklab=$(socklab_build)
 mkdir -p "$tmp/www"
 chmod 755 "$tmp/www"
 head -c 1024 /dev/urandom | base64 -w 0 | head -c 1024 > "$tmp/www/1k.txt"

@@ -13,8 +13,7 @@ secs=${1:-5}; rounds=${2:-3}; model=${3:-reactors}
 workers=$(nproc)
 source benches/lib.sh
 ensure_tools nginx wrk curl
-cargo build --release -q
-socklab=target/release/socklab
+socklab=$(socklab_build)
 mkdir -p "$tmp/www"
 chmod 755 "$tmp/www"
 head -c 1024 /dev/urandom > "$tmp/www/1k.bin"

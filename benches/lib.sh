@@ -1,5 +1,7 @@
 # What the benchmark scripts share; `source` it from bash. It makes $tmp (removed at exit),
 # kills every pid appended to $pids at exit, and offers:
+#   socklab_build            build the release binary; print its path (cargo's own report of
+#                            where it is: honours CARGO_TARGET_DIR and build.target-dir)
 #   ensure_tools TOOL...     install nginx/wrk/curl with apt-get if any TOOL is missing
 #   free_port                print a free loopback TCP port
 #   start_nginx ROOT WORKERS start nginx serving ROOT on loopback; sets $nginx_port
@@ -9,6 +11,18 @@ chmod 755 "$tmp"   # nginx workers do not run as root
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$tmp"; }
 trap cleanup EXIT
+
+socklab_build() {
+  local exe
+  exe=$(cargo build --release --message-format=json-render-diagnostics | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "socklab" and m.get("executable"):
+        print(m["executable"])')
+  [ -x "$exe" ] || { echo "socklab_build: cargo named no socklab executable" >&2; return 1; }
+  echo "$exe"
+}
 
 ensure_tools() {
   for t in "$@"; do

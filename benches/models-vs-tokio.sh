@@ -19,8 +19,7 @@ secs=${1:-3}; rounds=${2:-3}
 models=${MODELS:-"select epoll reactors uring tokio"}
 [[ " $models " == *" tokio "* ]] || models="$models tokio"
 source benches/lib.sh
-cargo build --release -q
-socklab=target/release/socklab
+socklab=$(socklab_build)
 
 if [ "${PIN:-}" = split ]; then
   workers=1; threads=1; serve_pin=(taskset -c 0); gen_pin=(taskset -c 1)

@@ -3,15 +3,17 @@
 # tracepoints (perf stat), which unlike timings do not depend on what else the machine does.
 # The load is `socklab bench` with CONNECTIONS connections for 2 seconds.
 # usage: benches/syscalls-per-request.sh CONNECTIONS MODEL [serve options...]
-# needs: perf (Debian: linux-perf), a release build (cargo build --release)
+# needs: perf (Debian: linux-perf); the release binary is built here.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 c=$1; m=$2; shift 2
-tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
-$(dirname "$0")/../target/release/socklab serve reverse --model $m --listen 127.0.0.1:0 --workers 1 "$@" > "$tmp/addr" 2>/dev/null & pid=$!
+source benches/lib.sh
+socklab=$(socklab_build)
+"$socklab" serve reverse --model $m --listen 127.0.0.1:0 --workers 1 "$@" > "$tmp/addr" 2>/dev/null & pid=$!
 sleep 0.3; a=$(head -1 "$tmp/addr")
 perf stat -x, -o "$tmp/perf" -e 'syscalls:sys_enter_recvfrom,syscalls:sys_enter_writev,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_poll,syscalls:sys_enter_epoll_ctl,syscalls:sys_enter_futex,syscalls:sys_enter_select,syscalls:sys_enter_pselect6,syscalls:sys_enter_io_uring_enter' -p $pid & spid=$!
 sleep 0.3
-out=$($(dirname "$0")/../target/release/socklab bench "$a" -c "$c" -t 1 -d 2s --json \
+out=$("$socklab" bench "$a" -c "$c" -t 1 -d 2s --json \
   | python3 -c 'import json,sys; r=json.load(sys.stdin); print(r["requests"], "requests in 2 s:", round(r["req_per_s"]), "req/s, p50", r["latency_us"]["p50"], "us")')
 kill -INT $spid; wait $spid 2>/dev/null || true
 kill -TERM $pid; wait $pid || true

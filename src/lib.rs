@@ -2,7 +2,9 @@
 //!
 //! # Layout
 //!
-//! - [`cli`]: the command line (`socklab serve|client|bench|lab`), errors mapped to exit codes.
+//! - [`cli`]: the command line (`socklab serve|client|bench|lab|ipc|bus|completions|man`), errors as one
+//!   line and mapped to exit codes; shell completions and the man page from the same
+//!   definitions (`clap_complete`, `clap_mangen`).
 //! - [`net`]: resolving addresses (`AF_UNSPEC`, like `getaddrinfo`) and opening listeners and
 //!   connections: TCP over IPv4/IPv6, Unix stream sockets, UDP.
 //! - [`service`]: the protocols, written once and without I/O ("sans-IO"): echo, discard,
@@ -21,11 +23,18 @@
 //! - [`units`]: durations and sizes on the command line.
 //! - [`lab`]: the course's socket experiments against the live kernel.
 //! - [`bench`](mod@bench): the load generator and the side-by-side comparison of every design.
+//! - [`bus`]: the software bus, an MQTT 3.1.1/5.0 broker: sans-IO codec glue, topic trie,
+//!   session and routing core, redb store, the epoll reactor driver, clients and load.
+//! - [`ipc`]: every IPC mechanism of the course (pipes, FIFOs, socketpairs, Unix/TCP/UDP
+//!   sockets, POSIX and SysV queues, a shared-memory ring with five wake-ups) measured side by
+//!   side with every message verified, and the producer/consumer problem the course's ways.
 #![deny(missing_docs, rust_2018_idioms)]
 
 pub mod bench;
+pub mod bus;
 pub mod cli;
 pub mod client;
+pub mod ipc;
 pub mod lab;
 pub mod model;
 pub mod net;

@@ -59,6 +59,27 @@ pub fn die_with_parent(parent: nix::unistd::Pid) -> io::Result<()> {
     Ok(())
 }
 
+/// Have the process `cmd` will start receive `signal` when the thread spawning it exits
+/// (the kernel's parent-death signal, `PR_SET_PDEATHSIG`), so it never outlives its parent,
+/// whatever ends the parent. If the parent is already gone when the child gets there, the
+/// spawn fails instead.
+pub fn kill_with_parent(cmd: &mut std::process::Command, signal: nix::sys::signal::Signal) {
+    use std::os::unix::process::CommandExt as _;
+    let parent = nix::unistd::getpid();
+    // SAFETY: the closure runs in the child between fork and exec; it only makes
+    // async-signal-safe system calls (prctl, getppid) and builds an `io::Error` from an
+    // errno, which does not allocate.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(signal)?;
+            if nix::unistd::getppid() != parent {
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Install `handler` for `signal` with `flags` (an empty mask while it runs); returns the
 /// handler that was in place.
 ///

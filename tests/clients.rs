@@ -274,3 +274,121 @@ fn discard_reads_and_drops() {
     assert!(rest.is_empty());
     assert!(srv.stop().0.success());
 }
+
+/// A TCP server that accepts and reads, but never sends a byte nor closes: a client owed
+/// an answer must give up after `--timeout` (issue 12, item 11).
+fn silent_server() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in l.incoming().flatten() {
+            let mut r = s.try_clone().unwrap();
+            std::thread::spawn(move || {
+                let mut b = [0u8; 4096];
+                while matches!(r.read(&mut b), Ok(n) if n > 0) {}
+            });
+            held.push(s);
+        }
+    });
+    addr
+}
+
+#[test]
+fn every_client_gives_up_on_a_silent_server() {
+    let addr = silent_server();
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("f");
+    std::fs::write(&f, b"abc").unwrap();
+    let cases: [(&[&str], &[u8]); 3] = [
+        (&["client", "daytime", &addr], b""),
+        (&["client", "echo", &addr], b"hello\n"),
+        (&["client", "reverse", &addr, f.to_str().unwrap()], b""),
+    ];
+    for (args, input) in cases {
+        let mut args = args.to_vec();
+        args.extend(["--timeout", "500ms"]);
+        let mut child = Command::new(BIN)
+            .args(&args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Keep stdin open after the input, as a terminal would: the client must not wait
+        // for its end to notice the silence.
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(input).unwrap();
+        let Some(status) = wait_timeout(&mut child, Duration::from_secs(5)) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{args:?} hung on a silent server");
+        };
+        drop(stdin);
+        assert_eq!(status.code(), Some(1), "{args:?}");
+        let mut err = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        assert!(
+            err.contains("sent nothing for 0.5 s") && err.lines().count() == 1,
+            "{err}"
+        );
+    }
+    // Without --timeout there is still a limit, and it is said.
+    let help = socklab(&["client", "daytime", "--help"], b"");
+    assert!(String::from_utf8_lossy(&help.stdout).contains("[default: 10s]"));
+}
+
+#[test]
+fn echo_client_waits_while_nothing_is_owed() {
+    // A person typing slowly: nothing is owed between lines, so no timeout fires.
+    let srv = Server::tcp("echo", "epoll", &[]);
+    let mut child = Command::new(BIN)
+        .args(["client", "echo", &srv.addr, "--timeout", "300ms"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(b"one\n").unwrap();
+    std::thread::sleep(Duration::from_millis(900));
+    input.write_all(b"two\n").unwrap();
+    drop(input);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(out.stdout, b"one\ntwo\n");
+    assert!(srv.stop().0.success());
+}
+
+#[test]
+fn reverse_client_reads_stdin_for_dash_and_refuses_missing_files_before_sending() {
+    let srv = Server::tcp("reverse", "epoll", &["-v"]);
+    let out = socklab(&["client", "reverse", &srv.addr, "-"], b"stdin!");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(out.stdout, b"!nidts");
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("present");
+    std::fs::write(&f, b"x").unwrap();
+    let missing = dir.path().join("missing");
+    for bad in [missing.to_str().unwrap(), dir.path().to_str().unwrap()] {
+        let out = socklab(
+            &["client", "reverse", &srv.addr, f.to_str().unwrap(), bad],
+            b"",
+        );
+        assert_eq!(out.status.code(), Some(2), "{bad}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.starts_with("socklab: error: cannot read") && err.lines().count() == 1,
+            "{err}"
+        );
+        assert!(out.stdout.is_empty(), "nothing was sent for {bad}");
+    }
+    let (status, err) = srv.stop();
+    assert!(status.success());
+    // Only the stdin run connected: the refused ones sent nothing.
+    assert_eq!(err.matches("connection open").count(), 1, "{err}");
+}

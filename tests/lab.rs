@@ -8,7 +8,7 @@ use serde_json::Value;
 use std::process::{Command, Output};
 
 /// The experiment names, exactly as the issue lists them (they are part of the interface).
-const NAMES: [&str; 25] = [
+const NAMES: [&str; 32] = [
     "connect-before-listen",
     "connect-before-accept",
     "backlog",
@@ -34,6 +34,13 @@ const NAMES: [&str; 25] = [
     "signal-interrupts-recv",
     "shared-memory-signal",
     "tcp-states",
+    "pipe-capacity",
+    "pipe-atomic-writes",
+    "pipe-no-reader",
+    "fifo-open-blocks",
+    "pipe-fd-refcount",
+    "pipe-length-prefix",
+    "signal-handler",
 ];
 
 fn socklab(args: &[&str]) -> Output {
@@ -400,6 +407,89 @@ fn tcp_states() {
 }
 
 #[test]
+fn pipe_capacity() {
+    let run = Run::of("pipe-capacity");
+    assert_eq!(run.result("P", "fcntl(fd[1], F_GETPIPE_SZ)"), "= 65536");
+    assert!(run
+        .result("P", "write(fd[1], buf, 4096) until EAGAIN")
+        .starts_with("65536 bytes in 16 writes"));
+    assert_eq!(run.result("P", "fcntl(fd[1], F_SETPIPE_SZ, 4096)"), "EBUSY");
+    assert_eq!(run.result("lab", "writer still inside write()"), "yes");
+    assert_eq!(
+        run.results("writer", "write(fd[1], buf, 4096)")[1],
+        "= 4096"
+    );
+}
+
+#[test]
+fn pipe_atomic_writes() {
+    let run = Run::of("pipe-atomic-writes");
+    assert!(run
+        .result("reader", "read everything (4096-byte writes)")
+        .ends_with("every 4096-byte write arrived whole"));
+    assert!(run
+        .conclusion()
+        .starts_with("4096-byte writes: none interleaved"));
+}
+
+#[test]
+fn pipe_no_reader() {
+    let run = Run::of("pipe-no-reader");
+    assert_eq!(run.result("P", "write(fd[1]"), "EPIPE");
+    assert!(run.result("P", "waitpid(child)").contains("SIGPIPE"));
+}
+
+#[test]
+fn fifo_open_blocks() {
+    let run = Run::of("fifo-open-blocks");
+    assert_eq!(run.result("lab", "reader still inside open()"), "yes");
+    assert_eq!(
+        run.result("P", "open(\"fifo\", O_WRONLY|O_NONBLOCK), no reader"),
+        "ENXIO"
+    );
+    assert!(run
+        .result("P", "open(\"fifo\", O_RDONLY|O_NONBLOCK)")
+        .starts_with("ok"));
+}
+
+#[test]
+fn pipe_fd_refcount() {
+    let run = Run::of("pipe-fd-refcount");
+    assert!(run.result("P", "poll(fd[0]").starts_with("= 0 (timeout"));
+    assert_eq!(run.result("P", "read(fd[0]"), "= 0");
+}
+
+#[test]
+fn pipe_length_prefix() {
+    let run = Run::of("pipe-length-prefix");
+    assert!(run
+        .result("receiver", "recv(p[0], msg, sizeof(msg) - 1)")
+        .starts_with("= 20: "));
+    assert_eq!(
+        run.result("receiver", "recv(p[0], &nLen, 2)  [the second"),
+        "EAGAIN"
+    );
+    let fixed = run.results("receiver", "recv(p[0], &nLen, 2); recv(p[0], msg, len");
+    assert_eq!(fixed, ["= 12 \"Wello, world\"", "= 6 \"second\""]);
+}
+
+#[test]
+fn signal_handler() {
+    let run = Run::of("signal-handler");
+    let cut: Vec<String> = run
+        .results("child", "printf(\"Counting")
+        .into_iter()
+        .filter(|r| r.contains("cut short"))
+        .collect();
+    assert_eq!(cut.len(), 1, "one sleep is cut short by the alarm");
+    assert!(run
+        .result("child", "read(in, buffer, 1023) [SA_RESTART]")
+        .starts_with("blocks"));
+    assert!(run.results("child", "read(in, buffer, 1023) [SA_RESTART]")[1].starts_with("= 13"));
+    assert!(run.results("child", "read(in, buffer, 1023) [no SA_RESTART]")[1].starts_with("EINTR"));
+}
+
+#[test]
 fn all_runs_every_experiment_and_exits_0() {
     let out = socklab(&["lab", "all", "--json"]);
     let reports: Value = serde_json::from_slice(&out.stdout).expect("JSON array");
@@ -450,7 +540,7 @@ fn list_names_every_experiment_with_its_question() {
     assert!(text.lines().all(|l| l.split_whitespace().count() > 3));
     let json: Value =
         serde_json::from_slice(&socklab(&["lab", "--list", "--json"]).stdout).unwrap();
-    assert_eq!(json.as_array().unwrap().len(), 25);
+    assert_eq!(json.as_array().unwrap().len(), NAMES.len());
 }
 
 #[test]

@@ -357,12 +357,13 @@ fn a_slow_download_is_cut_at_the_end_of_the_grace_period() {
 }
 
 /// Item 10: `--send read` kept a 256 KiB block for ever per connection that had sent a
-/// file: 1,000 keep-alive connections that each fetched a 6-byte file cost 256 MiB.
+/// file: 1,000 keep-alive connections that each fetched a 6-byte file cost 256 MiB. (And
+/// tokio's tasks kept a 64 KiB read buffer each, resident: 57 MiB per 1,000.)
 #[test]
 fn keepalive_connections_that_fetched_a_file_stay_cheap() {
     raise_own_fd_limit();
     let dir = http_root(0);
-    for model in ["epoll", "thread"] {
+    for model in ["epoll", "thread", "tokio"] {
         let srv = http(dir.path(), model, &["--send", "read"]);
         let mut conns = Vec::new();
         let mut first = srv.connect();
@@ -387,7 +388,7 @@ fn keepalive_connections_that_fetched_a_file_stay_cheap() {
         }
         let grown = rss_kib(srv.pid()).saturating_sub(base);
         assert!(
-            grown < 64 * 1024,
+            grown < 32 * 1024,
             "{model}: {grown} KiB more for 1,000 idle keep-alive connections"
         );
         drop(conns);

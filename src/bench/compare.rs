@@ -6,19 +6,44 @@
 //! whole process tree used during that level (user + system from `/proc/PID/stat`, reaped
 //! children included), and its peak resident memory (the tree's `VmRSS` sampled every
 //! 50 ms).
+//!
+//! The servers never outlive the comparison: each runs in a process group of its own (so
+//! its forked workers can be stopped with it) and gets SIGKILL from the kernel when the
+//! comparison dies, however that happens (`PR_SET_PDEATHSIG`); SIGINT/SIGTERM end the run
+//! with the table of the points measured so far; an error drops the server, which stops it.
+//! The chart's path is checked before the first server starts, and the table is printed
+//! before any file is written.
 
-use crate::bench::gen::{self, LoadSpec, Stop};
+use crate::bench::gen::{self, Ended, LoadSpec, Stop};
 use crate::bench::proto::BenchService;
 use crate::bench::{chart, BenchArgs};
+use crate::cli::Exit;
 use crate::client::UsageError;
 use crate::model::ModelKind;
+use crate::signals::Signals;
 use anyhow::{bail, Context as _};
 use socket2::SockAddr;
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, IsTerminal};
+use std::fs::File;
+use std::io::{BufRead, BufReader, IsTerminal, Seek as _, Write as _};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+/// What the columns of the comparison table mean (printed under it, and in `--help`).
+pub const TABLE_KEY: &str = "\
+Key to the --compare table:
+  conns    active connections, each sending its next request when the answer is in
+  idle     extra connections held open without traffic beside them (c10k)
+  req/s    verified answers per second; p50, p99: their latency percentiles
+  errors   failed requests (refused, reset, timeout, short, wrong, bad status)
+  starved  active connections that got no answer at all: the design serves fewer clients
+           at once (iterative; prefork or pool with fewer workers); its latency covers
+           only the clients it served
+  cpu s    the server's CPU seconds (user + system, all its processes) during the point
+  ms/kreq  server CPU milliseconds per 1,000 verified requests
+  rss MiB  the server's peak resident memory (all its processes)";
 
 /// Which comparison to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -83,11 +108,68 @@ pub struct Comparison {
     pub points: Vec<Point>,
 }
 
-/// Run the comparison described by `args`.
+impl Scenario {
+    /// The name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Levels => "levels",
+            Scenario::Stevens => "stevens",
+            Scenario::C10k => "c10k",
+        }
+    }
+}
+
+/// The chart's file, opened (and created if missing) before the comparison starts, so a
+/// path that cannot be written is refused at once. A file it created is removed again if
+/// nothing is written to it.
+struct ChartFile {
+    path: PathBuf,
+    file: Option<File>,
+    created: bool,
+}
+
+impl ChartFile {
+    fn open(path: &Path) -> Result<ChartFile, UsageError> {
+        let existed = path.exists();
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|e| {
+                UsageError(format!("cannot write the chart to {}: {e}", path.display()))
+            })?;
+        Ok(ChartFile {
+            path: path.to_path_buf(),
+            file: Some(file),
+            created: !existed,
+        })
+    }
+
+    fn write(mut self, svg: &str) -> anyhow::Result<()> {
+        let mut f = self.file.take().expect("written once");
+        f.set_len(0)?;
+        f.rewind()?;
+        f.write_all(svg.as_bytes())
+            .with_context(|| format!("writing {}", self.path.display()))
+    }
+}
+
+impl Drop for ChartFile {
+    fn drop(&mut self) {
+        if self.file.take().is_some() && self.created {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Run the comparison described by `args`; SIGINT/SIGTERM (through `signals`) end it with
+/// the points measured so far.
 ///
 /// # Errors
-/// A server that cannot start, or a generator failure.
-pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+/// A mistake in the arguments ([`UsageError`]), a server that cannot start, a generator
+/// failure, or [`Exit`] 130/143 when interrupted.
+pub fn run(args: &BenchArgs, signals: &Signals) -> anyhow::Result<()> {
     let scenario = args.scenario;
     let mut models = if args.models.is_empty() {
         match scenario {
@@ -149,9 +231,25 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             "--compare --service http needs --root DIR for the servers".into()
         ));
     }
+    let sockets = levels.iter().map(|l| l.0 + l.1).max().unwrap_or(0);
+    let what = match scenario {
+        Scenario::C10k => "--scenario c10k",
+        _ => "this comparison",
+    };
+    crate::bench::check_fd_limit(sockets, what, "--levels with fewer connections")?;
+    let chart_path = args
+        .chart
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("socklab-bench-{}.svg", scenario.name())));
+    let chart_file = ChartFile::open(&chart_path)?;
     let tty = std::io::stderr().is_terminal();
     let mut points = Vec::new();
-    for (mi, &model) in models.iter().enumerate() {
+    let mut interrupted = None;
+    'models: for (mi, &model) in models.iter().enumerate() {
+        if crate::signals::stop_requested() {
+            interrupted = Some((model, 0, 0));
+            break;
+        }
         let server = Server::start(model, service, args)?;
         for &(conns, idle) in &levels {
             if tty {
@@ -176,6 +274,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 // Designs with a fixed number of workers cannot serve more clients at once:
                 // the rest time out (and show up as errors) rather than stall the run.
                 timeout: args.timeout.min(Duration::from_secs(2)),
+                interval: None,
+                give_up: false,
             };
             let cpu0 = server.cpu_seconds();
             let peak = AtomicU64::new(0);
@@ -187,11 +287,20 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                         std::thread::sleep(Duration::from_millis(50));
                     }
                 });
-                let r = gen::run(&spec, &gen::Live::default());
+                let control = gen::Control {
+                    stop_fd: Some(signals.fd()),
+                    on_interval: None,
+                };
+                let r = gen::run(&spec, &gen::Live::default(), control);
                 stop.store(true, Ordering::SeqCst);
                 r
             })
             .with_context(|| format!("driving the {model} server"))?;
+            if outcome.ended == Ended::Interrupted {
+                // A point cut short is not comparable with the others: leave it out.
+                interrupted = Some((model, conns, idle));
+                break 'models;
+            }
             let cpu = server.cpu_seconds() - cpu0;
             let secs = outcome.elapsed.as_secs_f64().max(1e-9);
             let h = &outcome.latency;
@@ -236,14 +345,36 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         cores: crate::server::cores(),
         points,
     };
-    let svg = chart::render(&comparison);
-    std::fs::write(&args.chart, svg)
-        .with_context(|| format!("writing {}", args.chart.display()))?;
+    // The table first: nothing that goes wrong with files can lose it.
     if args.json {
         println!("{}", serde_json::to_string_pretty(&comparison)?);
     } else {
         print!("{}", table(&comparison));
-        println!("chart: {}", args.chart.display());
+        println!("{TABLE_KEY}");
+    }
+    let _ = std::io::stdout().flush();
+    if !comparison.points.is_empty() {
+        chart_file.write(&chart::render(&comparison)?)?;
+        if !args.json {
+            println!("chart: {}", chart_path.display());
+        }
+    }
+    if let Some((model, conns, idle)) = interrupted {
+        let (code, name) = match crate::bench::received_signal(signals) {
+            Some(libc::SIGTERM) => (143, "SIGTERM"),
+            _ => (130, "SIGINT"),
+        };
+        return Err(Exit {
+            code,
+            message: format!(
+                "interrupted by {name} at {model}, {conns} {}, {idle} idle: the table has the \
+                 {} {} measured before",
+                crate::bench::report::plural(conns as u64, "connection", "connections"),
+                comparison.points.len(),
+                crate::bench::report::plural(comparison.points.len() as u64, "point", "points"),
+            ),
+        }
+        .into());
     }
     Ok(())
 }
@@ -305,10 +436,12 @@ pub fn table(c: &Comparison) -> String {
     s
 }
 
-/// A `socklab serve` child process under test.
+/// A `socklab serve` child process under test, leader of its own process group; dropping
+/// it stops the whole group.
 struct Server {
     child: Child,
     addr: SockAddr,
+    stopped: bool,
 }
 
 impl Server {
@@ -330,24 +463,31 @@ impl Server {
         if let Some(root) = &args.root {
             cmd.arg("--root").arg(root);
         }
-        let mut child = cmd
+        // A group of its own: the terminal's Ctrl-C reaches only the comparison, which
+        // stops the servers itself, and a stop reaches forked workers too.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        crate::sys::kill_with_parent(&mut cmd, nix::sys::signal::Signal::SIGKILL);
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .context("starting socklab serve")?;
+        let mut server = Server {
+            child,
+            addr: SockAddr::from(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
+            stopped: false,
+        };
         let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("piped"))
+        BufReader::new(server.child.stdout.take().expect("piped"))
             .read_line(&mut line)
             .context("reading the server's address")?;
         let addr: std::net::SocketAddr = line
             .trim()
             .parse()
             .with_context(|| format!("the {model} server did not start (said {line:?})"))?;
-        Ok(Server {
-            child,
-            addr: addr.into(),
-        })
+        server.addr = addr.into();
+        Ok(server)
     }
 
     /// The server and all its descendants.
@@ -410,17 +550,36 @@ impl Server {
     }
 
     fn stop(mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        self.terminate();
+    }
+
+    /// SIGTERM to the group, up to 5 s for the server to finish (its grace is 1 s), then
+    /// SIGKILL to whatever is left of the group -- sent while the exited leader is not yet
+    /// reaped, so its process-group id cannot have been reused -- and reap it.
+    fn terminate(&mut self) {
+        use nix::sys::signal::{killpg, Signal};
+        use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
+        if std::mem::replace(&mut self.stopped, true) {
+            return;
         }
-        let _ = self.child.kill();
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = killpg(pid, Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+        while Instant::now() < deadline {
+            match waitid(Id::Pid(pid), flags) {
+                Ok(WaitStatus::StillAlive) => std::thread::sleep(Duration::from_millis(20)),
+                _ => break,
+            }
+        }
+        let _ = killpg(pid, Signal::SIGKILL);
         let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.terminate();
     }
 }
 

@@ -18,17 +18,27 @@
 //! *should have been sent* in an open loop (`--rate`): a stalled server then shows up in the
 //! latency of every request that had to wait, not only in the one that stalled
 //! (coordinated-omission correction, as wrk2 does it).
+//!
+//! No handler calls another slot's handler: a slot whose next step can start at once (its
+//! answer was complete as soon as the request was out, or it must reconnect) goes on a run
+//! queue that the loop drains in bounded batches. A zero-size reverse request, whose answer
+//! is empty, would otherwise recurse request after request until the stack overflowed.
+//!
+//! A run stops early when told to ([`Control::stop_fd`]: SIGINT/SIGTERM), or, with
+//! [`LoadSpec::give_up`], when as many requests have failed as there are connections and
+//! none was verified: a closed port or a server answering every request wrongly is reported
+//! at once instead of after the whole duration.
 
 use crate::bench::proto::{Answer, BenchService, Mismatch, Progress, Requests};
 use crate::timer::Timers;
 use hdrhistogram::Histogram;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use socket2::{Domain, SockAddr, Socket, Type};
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::io;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Barrier;
+use std::sync::{mpsc, Barrier};
 use std::time::{Duration, Instant};
 
 /// When a run ends.
@@ -67,6 +77,52 @@ pub struct LoadSpec {
     pub idle: usize,
     /// A connect or a request taking longer than this fails as a timeout.
     pub timeout: Duration,
+    /// Report req/s, latency and errors per interval of this length (`--interval`).
+    pub interval: Option<Duration>,
+    /// Stop early when as many requests have failed as there are connections and none was
+    /// verified (a plain run; `--compare` records such a point instead).
+    pub give_up: bool,
+}
+
+/// How a run was ended from outside, and where its per-interval reports go.
+#[derive(Default, Clone, Copy)]
+pub struct Control<'a> {
+    /// Stop (keeping what was measured) once this descriptor becomes readable: the signal
+    /// self-pipe of [`crate::signals::Signals`], so SIGINT/SIGTERM end the run.
+    pub stop_fd: Option<BorrowedFd<'a>>,
+    /// Called with each interval as soon as every generator thread has reported it.
+    pub on_interval: Option<&'a (dyn Fn(&Interval) + Sync)>,
+}
+
+/// One `--interval` of a run: what was verified and what failed in it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Interval {
+    /// Start, seconds from the start line.
+    pub start_s: f64,
+    /// End, seconds from the start line (the last interval may be shorter).
+    pub end_s: f64,
+    /// Requests verified in this interval.
+    pub requests: u64,
+    /// `requests` per second of this interval.
+    pub req_per_s: f64,
+    /// Median latency of this interval's verified answers, microseconds (0 if none).
+    pub p50_us: u64,
+    /// 99th percentile latency of this interval's verified answers, microseconds (0 if none).
+    pub p99_us: u64,
+    /// Failed requests in this interval.
+    pub errors: u64,
+}
+
+/// Why a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Ended {
+    /// The duration or the request budget was spent.
+    Completed,
+    /// Given up early: as many failures as connections and no verified answer.
+    GaveUp,
+    /// Stopped by [`Control::stop_fd`] (SIGINT/SIGTERM).
+    Interrupted,
 }
 
 /// Failures, by kind.
@@ -144,6 +200,10 @@ pub struct Outcome {
     /// fewer workers than connections). Their waiting requests count as timeouts only once
     /// `--timeout` passes, so a short run would otherwise hide them.
     pub starved: u64,
+    /// Why the run ended.
+    pub ended: Ended,
+    /// The `--interval` reports, in order (empty without `--interval`).
+    pub intervals: Vec<Interval>,
 }
 
 /// Shared between the generator threads and whoever watches progress.
@@ -157,6 +217,23 @@ pub struct Live {
     claimed: AtomicU64,
     /// Set when the run is over (for the progress watcher).
     pub done: AtomicBool,
+    /// Set to make every generator thread stop now.
+    halt: AtomicBool,
+    /// Set when the run was given up (see [`LoadSpec::give_up`]).
+    gave_up: AtomicBool,
+    /// Set when the stop descriptor fired.
+    interrupted: AtomicBool,
+}
+
+impl Live {
+    /// Whether the threads should stop.
+    fn halted(&self) -> bool {
+        self.halt.load(Ordering::SeqCst)
+    }
+
+    fn halt(&self) {
+        self.halt.store(true, Ordering::SeqCst);
+    }
 }
 
 fn new_histogram() -> Histogram<u64> {
@@ -164,37 +241,60 @@ fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 100_000_000, 3).expect("valid histogram bounds")
 }
 
-/// Run the load described by `spec`, reporting progress into `live`.
+/// Run the load described by `spec`, reporting progress into `live`; `control` can end it
+/// early and receives the `--interval` reports.
 ///
 /// # Errors
-/// Failures of the generator itself (epoll, threads); connection problems are counted in the
-/// outcome, never fatal.
-pub fn run(spec: &LoadSpec, live: &Live) -> io::Result<Outcome> {
+/// Failures of the generator itself (epoll, threads, no descriptor for a socket);
+/// connection problems are counted in the outcome, never fatal.
+pub fn run(spec: &LoadSpec, live: &Live, control: Control<'_>) -> io::Result<Outcome> {
     let threads = spec.threads.clamp(1, spec.connections.max(1));
     let barrier = Barrier::new(threads);
     let start = std::sync::OnceLock::new();
-    let results: Vec<io::Result<Outcome>> = std::thread::scope(|scope| {
+    let (tx, rx) = mpsc::channel::<IntervalPart>();
+    let (results, intervals) = std::thread::scope(|scope| {
+        let collector = spec
+            .interval
+            .map(|iv| scope.spawn(move || collect_intervals(rx, threads, iv, control.on_interval)));
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 let (barrier, start) = (&barrier, &start);
+                let tx = spec.interval.map(|_| tx.clone());
                 scope.spawn(move || {
                     let share = |n: usize| n / threads + usize::from(t < n % threads);
-                    let mut w =
-                        Worker::new(spec, live, t, share(spec.connections), share(spec.idle))?;
-                    w.open_idle()?;
+                    // Every thread reaches the start line, even one whose setup failed: the
+                    // others would wait there forever.
+                    let setup = Worker::new(
+                        spec,
+                        live,
+                        t,
+                        share(spec.connections),
+                        share(spec.idle),
+                        control.stop_fd,
+                        tx,
+                    )
+                    .and_then(|mut w| w.open_idle().map(|()| w));
+                    if setup.is_err() {
+                        live.halt();
+                    }
                     barrier.wait();
                     let t0 = *start.get_or_init(Instant::now);
-                    w.run(t0)
+                    setup?.run(t0)
                 })
             })
             .collect();
-        handles
+        drop(tx);
+        let results: Vec<io::Result<Outcome>> = handles
             .into_iter()
             .map(|h| {
                 h.join()
                     .unwrap_or_else(|_| Err(io::Error::other("generator thread panicked")))
             })
-            .collect()
+            .collect();
+        let intervals = collector
+            .map(|c| c.join().unwrap_or_default())
+            .unwrap_or_default();
+        (results, intervals)
     });
     live.done.store(true, Ordering::SeqCst);
     let mut total: Option<Outcome> = None;
@@ -216,7 +316,91 @@ pub fn run(spec: &LoadSpec, live: &Live) -> io::Result<Outcome> {
             }
         }
     }
-    Ok(total.expect("at least one thread"))
+    let mut total = total.expect("at least one thread");
+    total.ended = if live.interrupted.load(Ordering::SeqCst) {
+        Ended::Interrupted
+    } else if live.gave_up.load(Ordering::SeqCst) {
+        Ended::GaveUp
+    } else {
+        Ended::Completed
+    };
+    total.intervals = intervals;
+    Ok(total)
+}
+
+/// One thread's share of one interval.
+struct IntervalPart {
+    index: u64,
+    /// End of the interval (or of the run, for the last one), seconds from the start line.
+    end_s: f64,
+    ok: u64,
+    errors: u64,
+    hist: Histogram<u64>,
+}
+
+/// Merge the threads' parts of each interval; hand each one on as soon as every thread has
+/// reported it, and the incomplete last ones when the threads are done.
+fn collect_intervals(
+    rx: mpsc::Receiver<IntervalPart>,
+    threads: usize,
+    iv: Duration,
+    on_interval: Option<&(dyn Fn(&Interval) + Sync)>,
+) -> Vec<Interval> {
+    let mut pending: BTreeMap<u64, (usize, IntervalPart)> = BTreeMap::new();
+    let mut out = Vec::new();
+    let finish = |p: IntervalPart, out: &mut Vec<Interval>| {
+        let start_s = p.index as f64 * iv.as_secs_f64();
+        let span = (p.end_s - start_s).max(1e-9);
+        let q = |x| {
+            if p.hist.is_empty() {
+                0
+            } else {
+                p.hist.value_at_quantile(x)
+            }
+        };
+        let i = Interval {
+            start_s,
+            end_s: p.end_s,
+            requests: p.ok,
+            req_per_s: p.ok as f64 / span,
+            p50_us: q(0.5),
+            p99_us: q(0.99),
+            errors: p.errors,
+        };
+        if let Some(f) = on_interval {
+            f(&i);
+        }
+        out.push(i);
+    };
+    for part in rx {
+        let index = part.index;
+        let merged = match pending.remove(&index) {
+            None => (1, part),
+            Some((n, mut m)) => {
+                m.ok += part.ok;
+                m.errors += part.errors;
+                m.end_s = m.end_s.max(part.end_s);
+                let _ = m.hist.add(&part.hist);
+                (n + 1, m)
+            }
+        };
+        if merged.0 == threads {
+            // Earlier intervals some thread never reported (it had ended) are complete too.
+            while let Some(entry) = pending.first_entry() {
+                if *entry.key() > index {
+                    break;
+                }
+                finish(entry.remove().1, &mut out);
+            }
+            finish(merged.1, &mut out);
+        } else {
+            pending.insert(index, merged);
+        }
+    }
+    for (_, (_, p)) in pending {
+        finish(p, &mut out);
+    }
+    out
 }
 
 /// Claim the right to send one more request (the `--requests` budget, shared by threads).
@@ -260,10 +444,16 @@ struct Slot {
     connected_once: bool,
     /// Requests this slot had answered.
     answered: u64,
+    /// Whether this slot was ever given a request (a slot the `--requests` budget or the
+    /// open loop's rate never needed is not starved).
+    asked: bool,
 }
 
 const IDLE_TOKEN_BASE: u64 = 1 << 62;
 const TIMER_TOKEN: u64 = u64::MAX;
+const STOP_TOKEN: u64 = u64::MAX - 1;
+/// Slots taken from the run queue before the loop looks at the clock and the sockets again.
+const RUN_BATCH: usize = 4096;
 /// Connects in progress at once per thread.
 const CONNECT_BUDGET: usize = 64;
 /// Pause after a failed connection before trying again.
@@ -293,7 +483,24 @@ struct Worker<'a> {
     timer: Option<(nix::sys::timerfd::TimerFd, Option<Instant>)>,
     /// Open loop: slots that may be Ready (checked when taken).
     ready: Vec<usize>,
+    /// Slots whose next step can start at once: Ready ones send (closed loop), Closed ones
+    /// reconnect. Drained by the loop, never by a handler (see the module doc).
+    again: VecDeque<usize>,
     buf: Vec<u8>,
+    /// Readable when the run must stop (SIGINT/SIGTERM).
+    stop_fd: Option<BorrowedFd<'a>>,
+    /// `--interval`: where this thread's parts go, the interval's own histogram, and the
+    /// counts when it began.
+    iv: Option<IntervalState>,
+}
+
+struct IntervalState {
+    every: Duration,
+    tx: mpsc::Sender<IntervalPart>,
+    index: u64,
+    hist: Histogram<u64>,
+    ok_at_start: u64,
+    errors_at_start: u64,
 }
 
 impl<'a> Worker<'a> {
@@ -303,6 +510,8 @@ impl<'a> Worker<'a> {
         t: usize,
         conns: usize,
         idle: usize,
+        stop_fd: Option<BorrowedFd<'a>>,
+        tx: Option<mpsc::Sender<IntervalPart>>,
     ) -> io::Result<Self> {
         let slots = (0..conns)
             .map(|i| Slot {
@@ -321,6 +530,7 @@ impl<'a> Worker<'a> {
                 deadline: None,
                 connected_once: false,
                 answered: 0,
+                asked: false,
             })
             .collect();
         let interval = match spec.rate {
@@ -330,10 +540,26 @@ impl<'a> Worker<'a> {
             }
             _ => Duration::ZERO,
         };
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        if let Some(fd) = stop_fd {
+            // Level-triggered and never drained here: every thread's epoll sees it.
+            epoll.add(fd, EpollEvent::new(EpollFlags::EPOLLIN, STOP_TOKEN))?;
+        }
+        let iv = match (spec.interval, tx) {
+            (Some(every), Some(tx)) => Some(IntervalState {
+                every,
+                tx,
+                index: 0,
+                hist: new_histogram(),
+                ok_at_start: 0,
+                errors_at_start: 0,
+            }),
+            _ => None,
+        };
         Ok(Worker {
             spec,
             live,
-            epoll: Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?,
+            epoll,
             slots,
             idle: Vec::new(),
             idle_wanted: idle,
@@ -349,8 +575,73 @@ impl<'a> Worker<'a> {
             due: VecDeque::new(),
             timer: None,
             ready: Vec::new(),
+            again: VecDeque::new(),
             buf: vec![0u8; 64 * 1024],
+            stop_fd,
+            iv,
         })
+    }
+
+    /// Whether the stop descriptor has fired with a stop request (checked without waiting).
+    fn stop_fired(&self) -> bool {
+        let Some(fd) = self.stop_fd else {
+            return false;
+        };
+        if !crate::signals::stop_requested() {
+            return false;
+        }
+        let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
+        matches!(
+            nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO),
+            Ok(n) if n > 0
+        )
+    }
+
+    /// Stop every thread: the stop descriptor fired.
+    fn interrupted(&self) {
+        self.live.interrupted.store(true, Ordering::SeqCst);
+        self.live.halt();
+    }
+
+    /// Give up when as many requests failed as there are connections and none passed.
+    fn check_give_up(&self) {
+        if self.spec.give_up
+            && self.live.ok.load(Ordering::Relaxed) == 0
+            && self.live.errors.load(Ordering::Relaxed) >= self.spec.connections.max(1) as u64
+        {
+            self.live.gave_up.store(true, Ordering::SeqCst);
+            self.live.halt();
+        }
+    }
+
+    /// Send this thread's part of every interval that ended before `upto` (seconds from
+    /// the start line); `last` also sends the interval `upto` falls in, cut at `upto`.
+    fn flush_intervals(&mut self, upto: f64, last: bool) {
+        let (ok, errors) = (self.ok, self.errors.total());
+        let Some(iv) = self.iv.as_mut() else { return };
+        let every = iv.every.as_secs_f64();
+        loop {
+            let end = (iv.index + 1) as f64 * every;
+            let complete = end <= upto;
+            let started = (iv.index as f64 * every) < upto;
+            if !(complete || (last && started)) {
+                return;
+            }
+            let part = IntervalPart {
+                index: iv.index,
+                end_s: if complete { end } else { upto },
+                ok: ok - iv.ok_at_start,
+                errors: errors - iv.errors_at_start,
+                hist: std::mem::replace(&mut iv.hist, new_histogram()),
+            };
+            iv.ok_at_start = ok;
+            iv.errors_at_start = errors;
+            iv.index += 1;
+            let _ = iv.tx.send(part);
+            if !complete {
+                return;
+            }
+        }
     }
 
     fn new_socket(&self) -> io::Result<Socket> {
@@ -374,6 +665,13 @@ impl<'a> Worker<'a> {
         while (self.idle.len() + pending.len() < self.idle_wanted || !pending.is_empty())
             && Instant::now() < deadline
         {
+            if self.live.halted() {
+                break;
+            }
+            if self.stop_fired() {
+                self.interrupted();
+                break;
+            }
             while self.idle.len() + pending.len() < self.idle_wanted
                 && pending.len() < CONNECT_BUDGET
             {
@@ -462,29 +760,41 @@ impl<'a> Worker<'a> {
             self.timer = Some((fd, None));
         }
         let mut events = vec![EpollEvent::empty(); 1024];
+        let iv_every = self.iv.as_ref().map(|iv| iv.every);
         loop {
             let now = Instant::now();
-            if end.is_some_and(|e| now >= e) {
+            if let Some(every) = iv_every {
+                let upto = end.map_or(now, |e| now.min(e)) - t0;
+                if upto >= every {
+                    self.flush_intervals(upto.as_secs_f64(), false);
+                }
+            }
+            if end.is_some_and(|e| now >= e) || self.live.halted() {
                 break;
             }
-            if self.budget_spent()
-                && self
-                    .slots
-                    .iter()
-                    .all(|s| s.state != State::Busy && s.state != State::Connecting)
-            {
-                break;
-            }
-            if self.slots.is_empty() {
+            if self.all_done() {
                 break;
             }
             self.start_connects(now);
             self.open_loop_tick(now);
+            self.run_again(now);
+            if self.all_done() {
+                // The run queue may have spent the budget: do not wait for events then.
+                continue;
+            }
             let mut timeout = self.timers.timeout(now);
             self.arm_timer(now)?;
             if let Some(e) = end {
                 let until = e.saturating_duration_since(now);
                 timeout = Some(timeout.map_or(until, |t| t.min(until)));
+            }
+            if let Some(iv) = &self.iv {
+                let next = t0 + iv.every * (iv.index as u32 + 1);
+                let until = next.saturating_duration_since(now);
+                timeout = Some(timeout.map_or(until, |t| t.min(until)));
+            }
+            if !self.again.is_empty() {
+                timeout = Some(Duration::ZERO);
             }
             let timeout = EpollTimeout::try_from(crate::sys::timeout_ms(timeout))
                 .unwrap_or(EpollTimeout::NONE);
@@ -495,6 +805,16 @@ impl<'a> Worker<'a> {
             };
             let now = Instant::now();
             for ev in &events[..n] {
+                if ev.data() == STOP_TOKEN {
+                    if crate::signals::stop_requested() {
+                        self.interrupted();
+                    } else if let Some(fd) = self.stop_fd {
+                        // Not a stop request: empty the pipe, or it would wake us forever.
+                        let mut b = [0u8; 64];
+                        let _ = nix::unistd::read(fd, &mut b);
+                    }
+                    continue;
+                }
                 if ev.data() == TIMER_TOKEN {
                     if let Some((fd, armed)) = &mut self.timer {
                         let mut b = [0u8; 8];
@@ -512,8 +832,11 @@ impl<'a> Worker<'a> {
                 self.slots[i].deadline = None;
                 self.on_deadline(i, now);
             }
+            self.check_give_up();
         }
-        let elapsed = end.map_or_else(|| t0.elapsed(), |e| e.min(Instant::now()) - t0);
+        let stop = end.map_or_else(Instant::now, |e| e.min(Instant::now()));
+        let elapsed = stop.saturating_duration_since(t0);
+        self.flush_intervals(elapsed.as_secs_f64(), true);
         Ok(Outcome {
             ok: self.ok,
             bytes: self.bytes,
@@ -522,8 +845,56 @@ impl<'a> Worker<'a> {
             latency: self.hist,
             elapsed,
             idle_established: self.idle.len() as u64,
-            starved: self.slots.iter().filter(|s| s.answered == 0).count() as u64,
+            starved: self
+                .slots
+                .iter()
+                .filter(|s| {
+                    // Starved: it wanted an answer and got none. A slot that the budget
+                    // ended before it asked (-n), or that an open loop never needed, did not.
+                    // A closed-loop slot that tried to connect and was not finished by the
+                    // budget wanted one too.
+                    s.answered == 0
+                        && (s.asked
+                            || (self.interval == Duration::ZERO
+                                && s.connected_once
+                                && s.state != State::Finished))
+                })
+                .count() as u64,
+            ended: Ended::Completed,
+            intervals: Vec::new(),
         })
+    }
+
+    /// Whether nothing is left to do: no slots, or the request budget spent and nothing in
+    /// flight.
+    fn all_done(&self) -> bool {
+        self.slots.is_empty()
+            || (self.budget_spent()
+                && self
+                    .slots
+                    .iter()
+                    .all(|s| s.state != State::Busy && s.state != State::Connecting))
+    }
+
+    /// Take slots off the run queue (at most [`RUN_BATCH`]): a Ready slot sends its next
+    /// request (closed loop), a Closed one reconnects if the connect budget allows (else
+    /// `start_connects` will). Open loop: hand due requests to Ready slots.
+    fn run_again(&mut self, now: Instant) {
+        for _ in 0..RUN_BATCH {
+            let Some(i) = self.again.pop_front() else {
+                break;
+            };
+            match self.slots[i].state {
+                State::Ready if self.interval == Duration::ZERO => self.send_request(i, now, None),
+                State::Closed if self.connecting < CONNECT_BUDGET && !self.budget_spent() => {
+                    self.connect(i, now)
+                }
+                _ => {}
+            }
+        }
+        if self.interval > Duration::ZERO {
+            self.dispatch_due(now);
+        }
     }
 
     /// Open loop: make the timerfd fire when the next request falls due.
@@ -589,6 +960,7 @@ impl<'a> Worker<'a> {
             }
             let slot = &mut self.slots[i];
             slot.answer = Some(slot.reqs.next_request());
+            slot.asked = true;
         }
         let s = match self.new_socket() {
             Ok(s) => s,
@@ -664,6 +1036,7 @@ impl<'a> Worker<'a> {
             }
             let slot = &mut self.slots[i];
             slot.answer = Some(slot.reqs.next_request());
+            slot.asked = true;
             // Open loop: latency counts from when the request fell due. Closed loop: from
             // now (read afresh: `now` is when the event batch began, and an answer read
             // later in the same batch would seem to take no time), or from the connect
@@ -753,7 +1126,11 @@ impl<'a> Worker<'a> {
             .saturating_duration_since(slot.started)
             .as_micros()
             .max(1) as u64;
-        let _ = self.hist.record(us.min(100_000_000));
+        let us = us.min(100_000_000);
+        let _ = self.hist.record(us);
+        if let Some(iv) = self.iv.as_mut() {
+            let _ = iv.hist.record(us);
+        }
         slot.answered += 1;
         self.ok += 1;
         self.live.ok.fetch_add(1, Ordering::Relaxed);
@@ -765,10 +1142,9 @@ impl<'a> Worker<'a> {
             return self.drop_conn(i, now, false);
         }
         if self.interval == Duration::ZERO {
-            self.send_request(i, now, None);
+            self.again.push_back(i);
         } else {
             self.ready.push(i);
-            self.dispatch_due(now);
         }
     }
 
@@ -790,9 +1166,7 @@ impl<'a> Worker<'a> {
         } else {
             slot.state = State::Closed;
             self.set_deadline(i, None);
-            if self.connecting < CONNECT_BUDGET && !self.budget_spent() {
-                self.connect(i, now);
-            }
+            self.again.push_back(i);
         }
     }
 

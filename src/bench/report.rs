@@ -1,7 +1,7 @@
 //! The results of a run: the human table, the JSON object (field names are part of the
 //! interface, documented in `docs/bench.md`), and the progress line.
 
-use crate::bench::gen::{Errors, LoadSpec, Outcome, Stop};
+use crate::bench::gen::{Ended, Errors, Interval, LoadSpec, Outcome, Stop};
 use crate::bench::proto::BenchService;
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
@@ -65,6 +65,11 @@ pub struct Report {
     pub reconnects: u64,
     /// Active connections that got no answer at all during the run.
     pub starved: u64,
+    /// Why the run ended: `completed`, `gave_up` (stopped early: as many failures as
+    /// connections and nothing verified) or `interrupted` (SIGINT/SIGTERM).
+    pub ended: Ended,
+    /// The `--interval` series (empty without `--interval`).
+    pub intervals: Vec<Interval>,
 }
 
 impl Report {
@@ -108,6 +113,8 @@ impl Report {
             errors_total: outcome.errors.total(),
             reconnects: outcome.reconnects,
             starved: outcome.starved,
+            ended: outcome.ended,
+            intervals: outcome.intervals.clone(),
         }
     }
 
@@ -125,16 +132,18 @@ impl Report {
         };
         let _ = writeln!(
             s,
-            "target      {} ({}{size}, {} connections{}, {} threads, {mode}{})",
+            "target      {} ({}{size}, {} {}{}, {} {}, {mode}{})",
             self.target,
             self.service,
             self.connections,
+            plural(self.connections as u64, "connection", "connections"),
             if self.idle > 0 {
                 format!(" + {} idle", self.idle_established)
             } else {
                 String::new()
             },
             self.threads,
+            plural(self.threads as u64, "thread", "threads"),
             if self.connect_per_request {
                 ", a connection per request"
             } else {
@@ -166,12 +175,90 @@ impl Report {
         if self.starved > 0 {
             let _ = writeln!(
                 s,
-                "starved     {} of {} connections got no answer at all",
-                self.starved, self.connections
+                "starved     {} of {} {} got no answer at all",
+                self.starved,
+                self.connections,
+                plural(self.connections as u64, "connection", "connections")
             );
+        }
+        if self.size == 0 && self.service == BenchService::Reverse {
+            let _ = writeln!(
+                s,
+                "note        a 0-byte reverse request has an empty answer: each counts once sent, \
+                 and its latency is the time to send it"
+            );
+        }
+        match self.ended {
+            Ended::Completed => {}
+            Ended::GaveUp => {
+                let _ = writeln!(
+                    s,
+                    "stopped     early: the first {} requests failed and none was verified",
+                    self.errors_total
+                );
+            }
+            Ended::Interrupted => {
+                let _ = writeln!(s, "stopped     by a signal after {:.2} s", self.duration_s);
+            }
         }
         s
     }
+}
+
+/// `one` for 1, else `many`: "1 connection", "2 connections".
+pub fn plural(n: u64, one: &'static str, many: &'static str) -> &'static str {
+    if n == 1 {
+        one
+    } else {
+        many
+    }
+}
+
+/// The kinds of failure that occurred, with counts: "refused 3, timeout 1".
+pub fn error_kinds(e: &Errors) -> String {
+    let kinds = [
+        ("refused", e.refused),
+        ("reset", e.reset),
+        ("timeout", e.timeout),
+        ("short", e.short),
+        ("wrong", e.wrong),
+        ("bad status", e.bad_status),
+        ("other", e.other),
+    ];
+    let v: Vec<String> = kinds
+        .iter()
+        .filter(|k| k.1 > 0)
+        .map(|(name, n)| format!("{name} {n}"))
+        .collect();
+    v.join(", ")
+}
+
+/// The header of the `--interval` lines.
+pub fn interval_header() -> String {
+    format!(
+        "{:<17} {:>11} {:>10} {:>10} {:>8}",
+        "interval", "req/s", "p50", "p99", "errors"
+    )
+}
+
+/// One `--interval` line.
+pub fn interval_line(i: &Interval) -> String {
+    format!(
+        "{:<17} {:>11.0} {:>10} {:>10} {:>8}",
+        format!("{:.2}-{:.2} s", i.start_s, i.end_s),
+        i.req_per_s,
+        if i.requests > 0 {
+            us(i.p50_us)
+        } else {
+            "-".into()
+        },
+        if i.requests > 0 {
+            us(i.p99_us)
+        } else {
+            "-".into()
+        },
+        i.errors
+    )
 }
 
 /// A latency in microseconds, shown with a fitting unit.

@@ -14,7 +14,7 @@ use serde::Serialize;
 use std::io::{IsTerminal, Write};
 use std::time::Instant;
 
-// `unsafe` lives in `sys`; the modules that fork (`send`, `process`) call `sys::fork_child`
+// `unsafe` lives in `sys`; the modules that fork (`send`, `process`, `pipes`, `signal`) call `sys::fork_child`
 // with a SAFETY note; every other module is denied `unsafe` outright.
 #[deny(unsafe_code)]
 pub mod diag;
@@ -32,8 +32,10 @@ mod connect;
 mod dgram;
 #[deny(unsafe_code)]
 mod ipc;
+mod pipes;
 mod process;
 mod send;
+mod signal;
 #[deny(unsafe_code)]
 mod stream;
 #[deny(unsafe_code)]
@@ -117,6 +119,13 @@ pub const EXPERIMENTS: &[Experiment] = &[
     ex("signal-interrupts-recv", "alarm interrupts a blocking recv: EINTR without SA_RESTART, restarted with it", process::signal_interrupts_recv),
     ex("shared-memory-signal", "parent writes into a MAP_SHARED page and wakes the child with SIGUSR1", process::shared_memory_signal),
     ex("tcp-states", "one connection through LISTEN, SYN_RECV, ESTABLISHED, FIN_WAIT2/CLOSE_WAIT, LAST_ACK, TIME_WAIT", close::tcp_states),
+    ex("pipe-capacity", "a pipe holds 64 KiB (F_GETPIPE_SZ/F_SETPIPE_SZ); a writer to a full pipe blocks", pipes::pipe_capacity),
+    ex("pipe-atomic-writes", "writes up to PIPE_BUF from several writers never interleave; larger ones can", pipes::pipe_atomic_writes),
+    ex("pipe-no-reader", "writing to a pipe nobody reads: SIGPIPE kills by default; ignored, the write fails EPIPE", pipes::pipe_no_reader),
+    ex("fifo-open-blocks", "opening a FIFO blocks until the other side opens; O_NONBLOCK for writing fails ENXIO", pipes::fifo_open_blocks),
+    ex("pipe-fd-refcount", "after fork the reader sees no EOF while any process still holds the write end", pipes::pipe_fd_refcount),
+    ex("pipe-length-prefix", "the course's 16-bit length + message over a pipe, and reading more than the length", pipes::pipe_length_prefix),
+    ex("signal-handler", "the course's alarm + SIGINT program: which calls a signal interrupts, with and without SA_RESTART", signal::signal_handler),
 ];
 
 const fn ex(name: &'static str, question: &'static str, run: RunFn) -> Experiment {
@@ -290,7 +299,7 @@ pub fn run(args: &LabArgs, _verbose: u8) -> u8 {
         return overall(&reports);
     }
     let Some(exp) = find(name) else {
-        eprintln!("socklab lab: unknown experiment `{name}` (try `socklab lab --list`)");
+        eprintln!("socklab: error: unknown experiment `{name}` (try `socklab lab --list`)");
         return 2;
     };
     let report = run_experiment(exp);

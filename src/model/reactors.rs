@@ -2,6 +2,10 @@
 //! the same port (`SO_REUSEPORT`), so the kernel spreads new connections across the loops and
 //! no lock or queue sits between them. Each loop is exactly the [`super::epoll`] loop.
 //!
+//! The first listener takes the port exclusively before the group opens to its siblings
+//! ([`crate::net::Listener::sibling`]), so a second server on a busy port is refused like
+//! under every other model instead of joining the group (see `net::listen_inet`).
+//!
 //! A Unix socket path cannot be shared with `SO_REUSEPORT`: there the loops share one
 //! listener, registered with `EPOLLEXCLUSIVE` so one new connection wakes one loop.
 

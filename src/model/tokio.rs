@@ -9,7 +9,7 @@
 //! ```
 
 use crate::model::{
-    accept, accept_action, contain, AcceptAction, Ctx, End, Slot, ADMIT_WAIT, READ_BUF,
+    accept, accept_action, contain, AcceptAction, Ctx, End, ReadBuf, Slot, ADMIT_WAIT,
 };
 use crate::net::Listener;
 use crate::output::Flush;
@@ -144,9 +144,11 @@ async fn drive(
 ) -> Result<End, End> {
     let mut out = ctx.service.outbox();
     let mut session = contain(|| ctx.service.open(&mut out))?;
-    let mut buf = vec![0u8; READ_BUF];
+    let mut buf = ReadBuf::default();
     let idle = Some(ctx.opts.idle_timeout).filter(|d| !d.is_zero());
     let mut eof = false;
+    // The last read filled the buffer: more is coming, keep the buffer as it is.
+    let mut full_read = false;
     loop {
         // Send what is queued; the peer must take a byte at least every idle timeout (a
         // client that asks for a large file and never reads is cut, not kept for ever).
@@ -191,6 +193,9 @@ async fn drive(
         }
         let stopping = *stop.borrow();
         let idle_now = !session.mid_request();
+        if idle_now && !full_read {
+            buf.idle();
+        }
         let mut guard = if stopping && idle_now {
             // Stopping: answer what already arrived, without waiting for more.
             match tokio::time::timeout(Duration::ZERO, fd.readable()).await {
@@ -216,9 +221,10 @@ async fn drive(
                 _ = stop.changed(), if idle_now && !stopping => continue,
             }
         };
-        match guard.try_io(|s| crate::model::recv(s.get_ref(), &mut buf, 0)) {
+        match guard.try_io(|s| crate::model::recv(s.get_ref(), buf.space(), 0)) {
             Ok(Ok(0)) => {
                 eof = true;
+                full_read = false;
                 if let Err(e) = contain(|| session.end_of_input())? {
                     return Ok(End::Protocol(e));
                 }
@@ -226,11 +232,12 @@ async fn drive(
             Ok(Ok(n)) => {
                 // What tokio's own TcpStream does: a short read means the socket is drained,
                 // so forget the readiness instead of paying for a read that says EAGAIN.
-                if n < buf.len() {
-                    guard.clear_ready();
-                }
-                if let Err(e) = contain(|| session.receive(&buf[..n], &mut out))? {
+                if let Err(e) = contain(|| session.receive(buf.data(n), &mut out))? {
                     return Ok(End::Protocol(e));
+                }
+                full_read = buf.filled(n);
+                if !full_read {
+                    guard.clear_ready();
                 }
             }
             Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}

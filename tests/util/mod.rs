@@ -221,6 +221,21 @@ pub fn half_close(s: &TcpStream) {
 
 /// Processes whose parent is `pid`, with their state letter (`Z` = zombie).
 pub fn children_of(pid: u32) -> Vec<(u32, char)> {
+    processes_with(1, pid)
+}
+
+/// Processes in process group `pgid` that are not zombies.
+pub fn process_group_members(pgid: u32) -> Vec<u32> {
+    processes_with(2, pgid)
+        .into_iter()
+        .filter(|p| p.1 != 'Z')
+        .map(|p| p.0)
+        .collect()
+}
+
+/// Processes whose `/proc/PID/stat` field `field` (counted after the command name: state 0,
+/// ppid 1, pgrp 2) is `value`, with their state letter.
+fn processes_with(field: usize, value: u32) -> Vec<(u32, char)> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(p) = entry.file_name().to_string_lossy().parse::<u32>() else {
@@ -234,7 +249,7 @@ pub fn children_of(pid: u32) -> Vec<(u32, char)> {
             continue;
         };
         let fields: Vec<&str> = rest.split_whitespace().collect();
-        if fields.len() > 1 && fields[1].parse::<u32>().ok() == Some(pid) {
+        if fields.len() > field && fields[field].parse::<u32>().ok() == Some(value) {
             out.push((p, fields[0].chars().next().unwrap_or('?')));
         }
     }
@@ -320,4 +335,126 @@ pub fn start_with_shell(prefix: &str, args: &[&str]) -> Server {
         addr: line.trim().to_string(),
         stderr: Some(stderr),
     }
+}
+
+/// Every descendant of `pid` (children, their children...), as `/proc` shows them now.
+pub fn descendants_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        for (c, _) in children_of(p) {
+            out.push(c);
+            todo.push(c);
+        }
+    }
+    out
+}
+
+/// Whether a process exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|r| r.1.split_whitespace().next())
+            .is_some_and(|state| state != "Z"),
+        Err(_) => false,
+    }
+}
+
+/// A `socklab` run in the background whose descendants are recorded while it runs, so a
+/// test can check that none outlives it.
+pub struct Watched {
+    pub child: Child,
+    /// Every descendant seen so far.
+    pub seen: Vec<u32>,
+}
+
+impl Watched {
+    /// Start `socklab ARGS` with stdout and stderr captured.
+    pub fn start(args: &[&str]) -> Watched {
+        let child = Command::new(BIN)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn socklab");
+        Watched {
+            child,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Record the current descendants.
+    pub fn look(&mut self) {
+        for p in descendants_of(self.child.id()) {
+            if !self.seen.contains(&p) {
+                self.seen.push(p);
+            }
+        }
+    }
+
+    /// Keep looking until `cond(descendants seen)` holds or `limit` passes.
+    pub fn wait_for(&mut self, limit: Duration, mut cond: impl FnMut(&[u32]) -> bool) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            self.look();
+            if cond(&self.seen) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// Wait for the exit (looking at descendants meanwhile); status, stdout, stderr.
+    pub fn finish(mut self, limit: Duration) -> (ExitStatus, String, String, Vec<u32>) {
+        let mut out = self.child.stdout.take().unwrap();
+        let mut err = self.child.stderr.take().unwrap();
+        let o = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = out.read_to_string(&mut s);
+            s
+        });
+        let e = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err.read_to_string(&mut s);
+            s
+        });
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            self.look();
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("socklab did not exit within {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        (
+            status,
+            o.join().unwrap(),
+            e.join().unwrap(),
+            self.seen.clone(),
+        )
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Assert that none of `pids` is alive within `limit` (they may take a moment to exit).
+#[track_caller]
+pub fn assert_all_gone(pids: &[u32], limit: Duration, what: &str) {
+    let ok = eventually(limit, || pids.iter().all(|&p| !alive(p)));
+    let left: Vec<u32> = pids.iter().copied().filter(|&p| alive(p)).collect();
+    assert!(ok, "{what}: processes left running: {left:?}");
 }

@@ -1,0 +1,47 @@
+//! `udp`: two UDP sockets on 127.0.0.1, each connected to the other. UDP drops a datagram
+//! when the receiver's buffer is full instead of making the sender wait, so stream mode adds
+//! the flow control an application must bring itself: the receiver grants a credit every
+//! `window` messages and the sender keeps at most two windows in flight.
+
+use crate::ipc::channel::{fit_datagram, Cleanup, LimitError, PacketEnd, Pair, Setup};
+use std::net::{Ipv4Addr, UdpSocket};
+
+/// The largest UDP payload over IPv4: 65,535 - 20 (IP header) - 8 (UDP header).
+pub const MAX_DATAGRAM: usize = 65_507;
+
+/// Set up both ends.
+///
+/// # Errors
+/// A limit error above 65,507 bytes, or the socket calls' errors.
+pub fn open(setup: &Setup) -> anyhow::Result<Pair> {
+    let len = setup.message_len();
+    if len > MAX_DATAGRAM {
+        return Err(LimitError(format!(
+            "udp: a datagram carries at most {MAX_DATAGRAM} bytes over IPv4 (65,535 less the IP \
+             and UDP headers), so --size is at most {} with socklab's 16-byte header; no setting \
+             raises it: use a stream mechanism",
+            MAX_DATAGRAM - crate::ipc::message::HEADER
+        ))
+        .into());
+    }
+    let a = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+    let b = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+    a.connect(b.local_addr()?)?;
+    b.connect(a.local_addr()?)?;
+    for s in [&a, &b] {
+        fit_datagram(&socket2::SockRef::from(s), len, "udp")?;
+    }
+    let rcvbuf = socket2::SockRef::from(&b).recv_buffer_size()?;
+    // Each queued datagram costs its length plus the kernel's bookkeeping (about 1 KiB on
+    // loopback); keep two windows within half the receive buffer.
+    let window = (rcvbuf / (4 * (len + 1024))).max(1);
+    Ok(Pair {
+        a: Box::new(PacketEnd::new(a)),
+        b: Box::new(PacketEnd::new(b)),
+        cleanup: Cleanup::default(),
+        window: Some(window),
+        note: format!(
+            "UDP over 127.0.0.1, receive buffer {rcvbuf} bytes, credit every {window} messages"
+        ),
+    })
+}
