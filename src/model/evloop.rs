@@ -606,6 +606,16 @@ pub fn register_level<'a>(
     }
 }
 
+/// The end of a level-triggered loop's round: handle the deadlines due, register the
+/// connections waiting for a slot that now find one. Returns whether accepting may resume.
+pub fn expire_level<'a>(ctx: &'a Ctx, book: &mut Book<'a>, buf: &mut [u8], now: Instant) -> bool {
+    let resume = book.expire(now).resume_accept;
+    for (sock, slot) in book.unpark(ctx, now) {
+        register_level(ctx, book, sock, slot, buf, now);
+    }
+    resume && !book.stopping
+}
+
 /// A stop was requested in a level-triggered loop: stop listening, start the grace period,
 /// answer what already arrived and close the idle connections.
 pub fn stop_level(listener: &Socket, ctx: &Ctx, book: &mut Book<'_>, buf: &mut [u8], now: Instant) {

@@ -14,7 +14,7 @@
 //! call and the kernel checks every descriptor, so each round costs O(connections) even when
 //! one of them is active. That is the cost the `--idle` benchmark shows next to `epoll`.
 
-use crate::model::evloop::{accept_batch, drive_level, register_level, stop_level, Book, Interest};
+use crate::model::evloop::{accept_batch, drive_level, expire_level, stop_level, Book, Interest};
 use crate::model::{Ctx, READ_BUF};
 use crate::net::Listener;
 use crate::signals::{self, Signals};
@@ -103,11 +103,7 @@ pub fn run(listener: &Listener, ctx: &Ctx, signals: &Signals) -> io::Result<()> 
         if accepting && fds[1].revents != 0 {
             accepting = accept_batch(&listener.socket, ctx, &mut book, &mut buf, now, |_, _| true)?;
         }
-        let resume = book.expire(now).resume_accept;
-        for (sock, slot) in book.unpark(ctx, now) {
-            register_level(ctx, &mut book, sock, slot, &mut buf, now);
-        }
-        if resume && !book.stopping {
+        if expire_level(ctx, &mut book, &mut buf, now) {
             accepting = true;
         }
     }

@@ -26,7 +26,7 @@
 //! naming the limit -- while the connections already served go on. `poll` and `epoll` have no
 //! such limit; `socklab bench --compare --scenario c10k` shows where `select` falls off.
 
-use crate::model::evloop::{accept_batch, drive_level, stop_level, Book};
+use crate::model::evloop::{accept_batch, drive_level, expire_level, stop_level, Book};
 use crate::model::{Ctx, READ_BUF};
 use crate::net::{display_addr, Listener};
 use crate::signals::{self, Signals};
@@ -147,7 +147,7 @@ pub fn run(listener: &Listener, ctx: &Ctx, signals: &Signals) -> io::Result<()> 
         if ready.listener && accepting {
             accepting = accept_batch(&listener.socket, ctx, &mut book, &mut buf, now, watchable)?;
         }
-        if book.expire(now).resume_accept && !book.stopping {
+        if expire_level(ctx, &mut book, &mut buf, now) {
             accepting = true;
         }
     }
