@@ -67,6 +67,9 @@ pub struct ServeArgs {
     /// http: also serve symlinks that point outside the root.
     #[arg(long)]
     pub follow_symlinks: bool,
+    /// http: memory for complete answers of small files (revalidated on every use; 0 = off).
+    #[arg(long, value_parser = parse_size, default_value = "8M")]
+    pub cache: usize,
 }
 
 /// Number of cores available to this process.
@@ -119,6 +122,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
             root_fd,
             follow_symlinks: args.follow_symlinks,
             header_timeout: args.header_timeout,
+            cache: crate::service::http::cache::Cache::new(args.cache),
         }));
     }
     let mut signals = Signals::install().context("installing signal handlers")?;

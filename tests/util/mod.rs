@@ -56,7 +56,23 @@ pub struct Server {
 impl Server {
     /// Start `socklab serve <args...>` and wait for its address line.
     pub fn start(args: &[&str]) -> Server {
-        let mut child = Command::new(BIN)
+        Server::start_as(&[], args)
+    }
+
+    /// Start `WRAPPER... socklab serve <args...>` (`setpriv --reuid ...` to drop root) and
+    /// wait for its address line.
+    pub fn start_as(wrapper: &[&str], args: &[&str]) -> Server {
+        let (program, before) = match wrapper.split_first() {
+            Some((p, rest)) => (*p, rest),
+            None => (BIN, &[][..]),
+        };
+        let mut child = Command::new(program)
+            .args(before)
+            .args(if wrapper.is_empty() {
+                &[][..]
+            } else {
+                &[BIN][..]
+            })
             .arg("serve")
             .args(args)
             .stdin(Stdio::null())
