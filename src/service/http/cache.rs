@@ -46,7 +46,7 @@ pub const SETTLE: Duration = Duration::from_secs(1);
 const MAX_KEY: usize = 512;
 
 /// What identifies a file's state: if any of it differs, the cached answer is not used.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Stamp {
     dev: u64,
     ino: u64,
@@ -99,6 +99,21 @@ impl Stamp {
 /// `stat` of `path` beneath `dir`, following symlinks (as the open the answer came from).
 pub fn stat_at(dir: BorrowedFd<'_>, path: &std::ffi::CStr) -> Option<libc::stat> {
     nix::sys::stat::fstatat(dir, path, nix::fcntl::AtFlags::empty()).ok()
+}
+
+/// The entry a session last validated since its last input arrived (see [`Cache::serve`]).
+#[derive(Debug, Default)]
+pub struct Checked {
+    valid: bool,
+    stamp: Stamp,
+    key: Vec<u8>,
+}
+
+impl Checked {
+    /// New input arrived: the next hit is validated again.
+    pub fn forget(&mut self) {
+        self.valid = false;
+    }
 }
 
 /// One cached answer.
@@ -156,7 +171,18 @@ impl Cache {
 
     /// If `target` has an answer whose file is unchanged at its path beneath `root`, hand it
     /// to `serve` and return `true`. A changed or vanished file's entry is dropped.
-    pub fn serve(&self, target: &[u8], root: &impl AsFd, serve: impl FnOnce(&Entry)) -> bool {
+    ///
+    /// `checked` is the caller's memory of the last entry it validated since it last
+    /// received input (cleared by the caller on each receive): requests that arrived in one
+    /// read were all sent before that read returned, so one `statx` made after it sees
+    /// every change made before any of them -- pipelined requests for one file cost one.
+    pub fn serve(
+        &self,
+        target: &[u8],
+        root: &impl AsFd,
+        checked: &mut Checked,
+        serve: impl FnOnce(&Entry),
+    ) -> bool {
         if !self.enabled() {
             return false;
         }
@@ -166,12 +192,20 @@ impl Cache {
         let Some(entry) = inner.map.get(target) else {
             return false;
         };
-        let fresh =
-            stat_at(root.as_fd(), &entry.path).is_some_and(|st| Stamp::of(&st) == entry.stamp);
+        let known = checked.valid && checked.stamp == entry.stamp && checked.key == target;
+        let fresh = known
+            || stat_at(root.as_fd(), &entry.path).is_some_and(|st| Stamp::of(&st) == entry.stamp);
         if fresh {
+            if !known {
+                checked.valid = true;
+                checked.stamp = entry.stamp;
+                checked.key.clear();
+                checked.key.extend_from_slice(target);
+            }
             serve(entry);
             return true;
         }
+        checked.valid = false;
         drop(inner);
         self.forget(target);
         false
@@ -268,7 +302,9 @@ mod tests {
 
     fn hit(c: &Cache, dir: &std::fs::File, key: &[u8]) -> Option<Vec<u8>> {
         let mut got = None;
-        c.serve(key, dir, |e| got = Some(e.body().to_vec()));
+        c.serve(key, dir, &mut Checked::default(), |e| {
+            got = Some(e.body().to_vec())
+        });
         got
     }
 
@@ -309,6 +345,24 @@ mod tests {
         c.insert(b"/a.txt", b"a.txt", s, b"", b"two");
         std::fs::remove_file(&p).unwrap();
         assert_eq!(hit(&c, &dir, b"/a.txt"), None);
+    }
+
+    #[test]
+    fn one_check_per_input_for_one_file() {
+        let (d, dir) = setup();
+        let p = d.path().join("a");
+        std::fs::write(&p, b"one").unwrap();
+        let c = Cache::new(1 << 20);
+        c.insert(b"/a", b"a", stamp_of(&dir, "a"), b"", b"one");
+        let mut checked = Checked::default();
+        assert!(c.serve(b"/a", &dir, &mut checked, |_| {}));
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(&p, b"two").unwrap();
+        // The same input (requests that arrived before the change): not checked again.
+        assert!(c.serve(b"/a", &dir, &mut checked, |_| {}));
+        // New input: checked, and the change is seen.
+        checked.forget();
+        assert!(!c.serve(b"/a", &dir, &mut checked, |_| {}));
     }
 
     #[test]

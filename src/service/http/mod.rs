@@ -91,6 +91,8 @@ pub struct Http {
     held: bool,
     /// Answers queued since the output queue was last seen empty.
     batch: usize,
+    /// The cache entry validated since input last arrived ([`cache::Cache::serve`]).
+    checked: cache::Checked,
 }
 
 struct Response {
@@ -342,6 +344,7 @@ impl Http {
             closing: false,
             held: false,
             batch: 0,
+            checked: cache::Checked::default(),
         }
     }
 
@@ -372,6 +375,7 @@ impl Http {
             return;
         }
         self.held = false;
+        self.checked.forget();
         self.process(out);
         if !self.buf.is_empty() && !self.held {
             // What is left is an incomplete request: its time starts now, not while it
@@ -418,6 +422,7 @@ impl Http {
             self.started = Some(Instant::now());
         }
         self.buf.extend_from_slice(input);
+        self.checked.forget();
         if !self.held {
             self.process(out);
         }
@@ -529,12 +534,12 @@ impl Http {
         let close = !head.keep_alive;
         let http10_keepalive = head.minor == 0 && head.keep_alive;
         if (method == "GET" || head_only) && head.conditions.is_empty() {
-            let hit = self
-                .config
-                .cache
-                .serve(target.as_bytes(), &self.config.root_fd, |e| {
-                    write_cached(out, e, head_only, close, http10_keepalive)
-                });
+            let hit = self.config.cache.serve(
+                target.as_bytes(),
+                &self.config.root_fd,
+                &mut self.checked,
+                |e| write_cached(out, e, head_only, close, http10_keepalive),
+            );
             if hit {
                 tracing::debug!(
                     method,
