@@ -79,11 +79,13 @@ for s in "${servers[@]}"; do
   done
 done
 
-wrk_run() { # url conns -> "req/s p99_ms"
-  "${gen_pin[@]}" wrk -t 1 -c "$2" -d "${secs}s" --latency "$1" | awk '
+wrk_run() { # url conns -> "req/s p99_ms" ("bad" for a run with non-2xx answers); socket errors to stderr
+  "${gen_pin[@]}" wrk -t 1 -c "$2" -d "${secs}s" --latency "$1" | awk -v u="$1" '
+    /Socket errors/ {print u ": " $0 > "/dev/stderr"}
+    /Non-2xx/ {print u ": " $0 > "/dev/stderr"; bad=1}
     /Requests\/sec/ {rps=$2}
     $1=="99%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v/=1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v*=1000}; p=v}
-    END {print rps, p}'
+    END {if (bad) print "bad", p; else print rps, p}'
 }
 median() { python3 -c 'import statistics,sys; print(statistics.median(float(x) for x in sys.argv[1:]))' "$@"; }
 
@@ -97,6 +99,7 @@ for f in 1k.bin 64k.bin; do
       for i in $(seq 0 $((n - 1))); do
         s=${servers[$(((i + r) % n))]}
         read -r rps p < <(wrk_run "${url[$s]}/$f" "$conns")
+        [ "$rps" != bad ] || { echo "$s answered $f with errors" >&2; exit 1; }
         runs[$s]="${runs[$s]:-} $rps"
         p99[$s]=$(python3 -c "print(max(${p99[$s]:-0}, $p))")
       done
