@@ -6,10 +6,14 @@
 # idle connections.
 #
 # Pinning: both brokers on CPU 0 (socklab with one loop, as mosquitto has one thread), the
-# load generator on CPU 1.
+# load generator (one epoll loop) on CPU 1. Closed loop: each publisher keeps INFLIGHT
+# messages (default 64) unacknowledged and undelivered; the fan-in cells keep 8, so that 100
+# publishers stay below the 1,000 messages both brokers queue for their one subscriber.
+# With a small window (INFLIGHT=16) the 1->1 cells measure one round trip, not throughput.
 #
 #   benches/bus-vs-mosquitto.sh            # 3 rounds of 5 s per cell
 #   ROUNDS=1 SECS=3 benches/bus-vs-mosquitto.sh
+#   INFLIGHT=16 benches/bus-vs-mosquitto.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benches/lib.sh
@@ -18,6 +22,7 @@ socklab=$(socklab_build)
 bin=$socklab
 rounds=${ROUNDS:-3}
 secs=${SECS:-5}
+inflight=${INFLIGHT:-64}
 ulimit -n "$(ulimit -Hn)"   # 10,000 idle connections need the descriptors
 
 mport=$(free_port)
@@ -68,16 +73,16 @@ for who in socklab mosquitto; do
 done
 
 cells=(
-  "q0-1to1|--scenario pairs -n 1 -q 0"
-  "q1-1to1|--scenario pairs -n 1 -q 1"
-  "q0-fanout100|--scenario fanout -n 100 -q 0"
-  "q1-fanout100|--scenario fanout -n 100 -q 1"
-  "q0-fanin100|--scenario fanin -n 100 -q 0"
-  "q1-fanin100|--scenario fanin -n 100 -q 1"
-  "q0-pairs1000|--scenario pairs -n 1000 -q 0"
-  "q1-pairs1000|--scenario pairs -n 1000 -q 1"
+  "q0-1to1|--scenario pairs -n 1 -q 0 --inflight $inflight"
+  "q1-1to1|--scenario pairs -n 1 -q 1 --inflight $inflight"
+  "q0-fanout100|--scenario fanout -n 100 -q 0 --inflight $inflight"
+  "q1-fanout100|--scenario fanout -n 100 -q 1 --inflight $inflight"
+  "q0-fanin100|--scenario fanin -n 100 -q 0 --inflight 8"
+  "q1-fanin100|--scenario fanin -n 100 -q 1 --inflight 8"
+  "q0-pairs1000|--scenario pairs -n 1000 -q 0 --inflight $inflight"
+  "q1-pairs1000|--scenario pairs -n 1000 -q 1 --inflight $inflight"
 )
-echo "# $(date -u +%F) rounds=$rounds secs=$secs brokers on CPU 0, bench on CPU 1" | tee "$tmp/results.txt"
+echo "# $(date -u +%F) rounds=$rounds secs=$secs inflight=$inflight brokers on CPU 0, bench on CPU 1" > "$tmp/results.txt"
 for round in $(seq "$rounds"); do
   for cell in "${cells[@]}"; do
     name=${cell%%|*}; args=${cell#*|}
@@ -86,7 +91,7 @@ for round in $(seq "$rounds"); do
     for who in $order; do
       addr=$saddr; [ "$who" = mosquitto ] && addr=$maddr
       # shellcheck disable=SC2086
-      json=$(taskset -c 1 "$bin" bus bench "$addr" $args --size 64 -d "${secs}s" --json)
+      json=$(taskset -c 1 "$bin" bus bench "$addr" $args --size 64 -d "${secs}s" --threads 1 --json)
       echo "$name $who $json" >> "$tmp/results.txt"
     done
   done

@@ -512,3 +512,165 @@ pub fn range_headers(data: &[u8]) {
         assert_eq!(parse_date(&d), Some(secs), "{d}");
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// the D-Bus half of the bus
+
+/// Arbitrary D-Bus traffic from three MQTT 5 connections through the broker's D-Bus half
+/// (`socklab::bus::dbus`, with its hand-written match-rule parser `socklab::bus::rules`).
+/// The input is a script: each step is a head byte and fields separated by 0xFF. The head
+/// picks the connection (low 2 bits; 3 = disconnect and reconnect connection 0) and what to
+/// send (`$bus/call/`, `$bus/reply`, `$bus/signal/`, a driver call, time passing); the
+/// fields are the topic's tail, member, path, interface, timeout, error, correlation data
+/// and payload. Invariants: no panic; every delivery encodes; the calls waiting never exceed
+/// the caps; once every connection is gone, no call waits and no name or deadline is left.
+pub fn bus_dbus(data: &[u8]) {
+    use bytes::Bytes;
+    use mqtt_proto::v5;
+    use mqtt_proto::{QosPid, TopicName};
+    use socklab::bus::broker::{AllowAll, Broker, BrokerConfig, Identity, Out};
+    use socklab::bus::codec::{PublishHeader, Version};
+    use socklab::bus::dbus::BusConfig;
+    use socklab::bus::rules::Rule;
+    use socklab::bus::session::{Session, SessionConfig};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    let t0 = Instant::now();
+    let mut now = t0;
+    let bus_cfg = BusConfig {
+        max_names: 4,
+        max_rules: 4,
+        max_pending: 3,
+        max_pending_total: 5,
+        max_timeout: Duration::from_secs(5),
+        ..Default::default()
+    };
+    let cfg = BrokerConfig {
+        bus: bus_cfg.clone(),
+        ..Default::default()
+    };
+    let mut broker = Broker::new(cfg, Arc::new(AllowAll), now);
+    let scfg = SessionConfig::default();
+    let mut sessions: Vec<Session> = (0..3).map(|_| Session::new(scfg, now)).collect();
+    let connect = |b: &mut Broker, conn: u64, now: Instant| {
+        let c = v5::Connect::new(format!("f{conn}").into(), 60);
+        b.connect(conn, Version::V5, c, Identity::default(), now);
+    };
+    for c in 0..3 {
+        connect(&mut broker, c, now);
+    }
+    let drain = |broker: &mut Broker, sessions: &mut [Session], now: Instant| {
+        for (conn, out) in std::mem::take(&mut broker.out) {
+            let s = &mut sessions[conn as usize];
+            match out {
+                Out::Packet(p) => s.send(&p),
+                Out::Publish(d) => {
+                    let h = PublishHeader {
+                        qos: d.qos,
+                        pid: d.pid,
+                        dup: d.dup,
+                        retain: d.retain,
+                        sub_ids: &d.sub_ids,
+                        alias: None,
+                        expiry: d.msg.expiry_left(now),
+                    };
+                    s.deliver(&d.msg, h);
+                }
+                Out::Close(_) => {}
+            }
+            s.out.clear();
+        }
+        broker.ops.clear();
+    };
+    drain(&mut broker, &mut sessions, now);
+    let mut rest = data;
+    while let Some((&head, tail)) = rest.split_first() {
+        // A step's fields end at a 0xFE byte (or the input's end).
+        let end = tail.iter().position(|&b| b == 0xFE).unwrap_or(tail.len());
+        let (step, next) = tail.split_at(end);
+        rest = next.get(1..).unwrap_or(&[]);
+        let mut f = step
+            .split(|&b| b == 0xFF)
+            .map(|s| String::from_utf8_lossy(s).into_owned());
+        let mut field = || f.next().unwrap_or_default();
+        let conn = (head & 3) as u64;
+        if conn == 3 {
+            broker.closed(0, true, now);
+            drain(&mut broker, &mut sessions, now);
+            sessions[0] = Session::new(scfg, now);
+            connect(&mut broker, 0, now);
+            drain(&mut broker, &mut sessions, now);
+            continue;
+        }
+        let tail = field();
+        let topic = match (head >> 2) & 7 {
+            0 | 1 => format!("$bus/call/{tail}"),
+            2 => "$bus/reply".to_string(),
+            3 => format!("$bus/signal/{tail}"),
+            4 | 5 => "$bus/call/org.freedesktop.DBus".to_string(),
+            6 => {
+                now += Duration::from_millis(u64::from(head) * 20);
+                broker.expire_calls(now);
+                drain(&mut broker, &mut sessions, now);
+                continue;
+            }
+            _ => format!("$bus/{tail}"),
+        };
+        let Ok(topic) = TopicName::try_from(topic.as_str()) else {
+            continue;
+        };
+        let mut p = v5::Publish::new(QosPid::Level0, topic, Bytes::new());
+        let mut user = Vec::new();
+        for key in [
+            "member",
+            "path",
+            "interface",
+            "timeout",
+            "error",
+            "sender",
+            "destination",
+        ] {
+            let v = field();
+            if !v.is_empty() {
+                user.push(v5::UserProperty {
+                    name: key.into(),
+                    value: v.into(),
+                });
+            }
+        }
+        p.properties.user_properties = user;
+        let corr = field();
+        if !corr.is_empty() {
+            p.properties.correlation_data = Some(Bytes::from(corr.into_bytes()));
+        }
+        if head & 0x80 != 0 {
+            p.properties.response_topic = TopicName::try_from("r/x").ok();
+        }
+        let mut body = field();
+        // The rule parser on its own, and (bit 6) the text as the one string argument of a
+        // JSON array, so AddMatch/RemoveMatch/BecomeMonitor get arbitrary rules.
+        let _ = Rule::parse(&body);
+        if head & 0x40 != 0 {
+            body = serde_json::json!([body]).to_string();
+        }
+        p.payload = Bytes::from(body.into_bytes());
+        broker.packet(conn, v5::Packet::Publish(p), now);
+        drain(&mut broker, &mut sessions, now);
+        let waiting = broker.bus().pending_calls();
+        assert!(
+            waiting <= bus_cfg.max_pending_total,
+            "{waiting} calls waiting"
+        );
+    }
+    for c in 0..3 {
+        broker.closed(c, true, now);
+    }
+    drain(&mut broker, &mut sessions, now);
+    assert_eq!(
+        broker.bus().pending_calls(),
+        0,
+        "calls left after every connection went"
+    );
+    assert_eq!(broker.next_call_deadline(), None, "deadlines left");
+}

@@ -161,7 +161,10 @@ pub fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return clap_exit(&e),
     };
-    init_logging(cli.verbose);
+    init_logging(match &cli.command {
+        Command::Bus(args) => crate::bus::log_verbosity(args, cli.verbose),
+        _ => cli.verbose,
+    });
     let result = match &cli.command {
         Command::Serve(args) => crate::server::run(args),
         Command::Client(args) => crate::client::run(args),

@@ -25,7 +25,9 @@
 //! - [`lab`]: the course's socket experiments against the live kernel.
 //! - [`bench`](mod@bench): the load generator and the side-by-side comparison of every design.
 //! - [`bus`]: the software bus, an MQTT 3.1.1/5.0 broker: sans-IO codec glue, topic trie,
-//!   session and routing core, redb store, the epoll reactor driver, clients and load.
+//!   session and routing core, redb store, the epoll reactor driver, clients and load; and
+//!   its D-Bus half (well-known names, method calls routed to a name's owner, signals by
+//!   match rules, a monitor) with its Rust API and command-line tools.
 //! - [`ipc`]: every IPC mechanism of the course (pipes, FIFOs, socketpairs, Unix/TCP/UDP
 //!   sockets, POSIX and SysV queues, a shared-memory ring with five wake-ups) measured side by
 //!   side with every message verified, and the producer/consumer problem the course's ways.

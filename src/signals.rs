@@ -3,7 +3,7 @@
 //! | signal | what the server does |
 //! | --- | --- |
 //! | SIGINT, SIGTERM | stop: no new connections, in-flight requests finish within `--grace`, exit 0 |
-//! | SIGHUP | the same (its terminal went away: drain and stop rather than die mid-answer); left ignored if it was ignored at start, as under `nohup` |
+//! | SIGHUP | the same (its terminal went away: drain and stop rather than die mid-answer); left ignored if it was ignored at start, as under `nohup`; `bus serve` rereads its password and ACL files instead ([`hup_reloads`]) |
 //! | SIGUSR1, SIGUSR2 | logged and otherwise ignored (their default action would kill the server with no drain) |
 //! | SIGCHLD | the process models reap their children |
 //! | SIGPIPE | ignored: a send to a closed peer returns `EPIPE` instead of killing the server |
@@ -24,11 +24,14 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 static STOP: AtomicBool = AtomicBool::new(false);
 static CHILD: AtomicBool = AtomicBool::new(false);
 static WAKE_FD: AtomicI32 = AtomicI32::new(-1);
+static HUP_RELOADS: AtomicBool = AtomicBool::new(false);
+static RELOAD: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(sig: libc::c_int) {
     let saved = nix::errno::Errno::last_raw();
     match sig {
         libc::SIGCHLD => CHILD.store(true, Ordering::SeqCst),
+        libc::SIGHUP if HUP_RELOADS.load(Ordering::SeqCst) => RELOAD.store(true, Ordering::SeqCst),
         libc::SIGINT | libc::SIGTERM | libc::SIGHUP => STOP.store(true, Ordering::SeqCst),
         _ => {} // SIGUSR1/SIGUSR2: only the byte, logged by whoever drains the pipe
     }
@@ -141,6 +144,17 @@ impl Drop for Signals {
             WAKE_FD.store(-1, Ordering::SeqCst);
         }
     }
+}
+
+/// Make SIGHUP mean "reread your configuration" ([`take_reload`]) instead of "stop", as
+/// daemons that have configuration files do (`bus serve` with `--passwords`/`--acl`).
+pub fn hup_reloads() {
+    HUP_RELOADS.store(true, Ordering::SeqCst);
+}
+
+/// Whether SIGHUP asked for a reload since the last call (after [`hup_reloads`]).
+pub fn take_reload() -> bool {
+    RELOAD.swap(false, Ordering::SeqCst)
 }
 
 /// Whether SIGINT or SIGTERM has arrived (or [`request_stop`] was called).

@@ -346,7 +346,11 @@ fn oversize_packets_are_refused_with_0x95() {
     s.write_all(&[0x30, 0xd0, 0x0f, 0, 1, b't']).unwrap();
     let mut d = Vec::new();
     let _ = s.read_to_end(&mut d);
-    assert_eq!(&d[..], &[0xe0, 1, 0x95], "DISCONNECT Packet too large");
+    assert_eq!(
+        (d[0], d[2]),
+        (0xe0, 0x95),
+        "DISCONNECT Packet too large: {d:x?}"
+    );
     // A small one still goes through.
     ok(
         "mosquitto_pub",
@@ -995,6 +999,37 @@ fn malformed_packets_are_refused_and_the_broker_keeps_serving() {
             vec![0x30, 0xff, 0xff, 0xff, 0x7f],
             Some(0x95),
         ),
+        // "It is a Protocol Error to include X more than once": 0x82, not 0x81.
+        (
+            "publish with two payload format indicators",
+            Some(&v5),
+            vec![0x30, 9, 0, 1, b't', 4, 0x01, 1, 0x01, 0, b'x'],
+            Some(0x82),
+        ),
+        (
+            "publish with two content types",
+            Some(&v5),
+            vec![0x30, 13, 0, 1, b't', 8, 3, 0, 1, b'a', 3, 0, 1, b'b', b'x'],
+            Some(0x82),
+        ),
+        (
+            "subscribe with two subscription identifiers",
+            Some(&v5),
+            vec![0x82, 11, 0, 1, 4, 0x0b, 1, 0x0b, 2, 0, 1, b'a', 0],
+            Some(0x82),
+        ),
+        (
+            "publish from a client with a subscription identifier",
+            Some(&v5),
+            vec![0x30, 7, 0, 1, b't', 2, 0x0b, 1, b'x'],
+            Some(0x82),
+        ),
+        (
+            "auth without an authentication method",
+            Some(&v5),
+            vec![0xf0, 2, 0x18, 0],
+            Some(0x82),
+        ),
     ];
     assert!(cases.len() >= 30);
     for (name, connect, bytes, reason) in &cases {
@@ -1012,9 +1047,10 @@ fn malformed_packets_are_refused_and_the_broker_keeps_serving() {
         let r = s.read_to_end(&mut got);
         assert!(r.is_ok() || got.is_empty(), "{name}: closed ({r:?})");
         match reason {
+            // DISCONNECT with the reason code (and a Reason String after it).
             Some(code) => assert_eq!(
-                got.get(..3),
-                Some(&[0xe0, 1, *code][..]),
+                (got.first(), got.get(2)),
+                (Some(&0xe0), Some(code)),
                 "{name}: {got:x?}"
             ),
             None => assert!(
@@ -1034,6 +1070,26 @@ fn malformed_packets_are_refused_and_the_broker_keeps_serving() {
         s.read_to_end(&mut got).unwrap();
         assert_eq!(got, want, "level {level}");
     }
+    // Enhanced authentication: no method is known, so a CONNECT naming one gets CONNACK
+    // 0x8C (bad authentication method) and is closed; Authentication Data without a method
+    // is a protocol error.
+    let with_method = [
+        0x10, 21, 0, 4, b'M', b'Q', b'T', b'T', 5, 2, 0, 10, 8, 0x15, 0, 5, b'S', b'C', b'R', b'A',
+        b'M', 0, 0,
+    ];
+    let mut s = bus.raw();
+    s.write_all(&with_method).unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).unwrap();
+    assert_eq!((got[0], got[3]), (0x20, 0x8c), "{got:x?}");
+    let data_only = [
+        0x10, 17, 0, 4, b'M', b'Q', b'T', b'T', 5, 2, 0, 10, 4, 0x16, 0, 1, 7, 0, 0,
+    ];
+    let mut s = bus.raw();
+    s.write_all(&data_only).unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    assert!(got.is_empty(), "closed without CONNACK: {got:x?}");
     // Everyone else is still served.
     ok(
         "mosquitto_pub",
@@ -1090,4 +1146,242 @@ fn unix_socket_and_ipv6_listeners() {
     let st = wait_timeout(&mut child, Duration::from_secs(10)).expect("exits on SIGTERM");
     assert!(st.success());
     assert!(!path.exists(), "socket file removed");
+}
+
+/// Read one whole packet (fixed header with a one-byte remaining length, then the body).
+fn read_packet(s: &mut TcpStream) -> Vec<u8> {
+    let mut head = [0u8; 2];
+    s.read_exact(&mut head).unwrap();
+    let mut p = head.to_vec();
+    p.resize(2 + head[1] as usize, 0);
+    s.read_exact(&mut p[2..]).unwrap();
+    p
+}
+
+#[test]
+fn over_max_connections_the_connect_is_answered_quota_exceeded() {
+    let bus = Bus::start(&["--max-connections", "1"]);
+    let v3 = [0x10, 12, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 10, 0, 0];
+    let v5 = [0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 5, 2, 0, 10, 0, 0, 0];
+    let mut first = bus.raw();
+    first.write_all(&v3).unwrap();
+    assert_eq!(read_packet(&mut first), [0x20, 2, 0, 0]);
+    // 5.0: CONNACK 0x97 (quota exceeded); 3.1.1: 0x03 (server unavailable); then closed.
+    for (connect, want) in [(&v5[..], 0x97), (&v3, 3)] {
+        let mut s = bus.raw();
+        s.write_all(connect).unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        assert_eq!((got[0], got[3]), (0x20, want), "{got:x?}");
+        if want == 3 {
+            assert_eq!(got, [0x20, 2, 0, 3], "3.1.1: no properties");
+        } else {
+            let text = String::from_utf8_lossy(&got);
+            assert!(
+                text.contains("connection limit"),
+                "a Reason String: {got:x?}"
+            );
+        }
+    }
+    drop(first);
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let mut s = bus.raw();
+            s.write_all(&v3).unwrap();
+            read_packet(&mut s) == [0x20, 2, 0, 0]
+        }),
+        "a place is free again once the first connection closed"
+    );
+}
+
+#[test]
+fn max_keep_alive_is_imposed_on_5_0_clients_and_refused_to_3_1_1_ones() {
+    let bus = Bus::start(&["--max-keep-alive", "1"]);
+    // 5.0 with keep-alive 0: CONNACK carries Server Keep Alive 1 (property 0x13), and 1.5 s
+    // of silence end the connection with DISCONNECT 0x8D.
+    let mut s = bus.raw();
+    s.write_all(&[0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 5, 2, 0, 0, 0, 0, 0])
+        .unwrap();
+    let ack = read_packet(&mut s);
+    assert_eq!(ack[..4], [0x20, ack[1], 0, 0]);
+    assert!(
+        ack.windows(3).any(|w| w == [0x13, 0, 1]),
+        "Server Keep Alive 1 in {ack:x?}"
+    );
+    let t0 = Instant::now();
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).unwrap();
+    assert_eq!(
+        (rest[0], rest[2]),
+        (0xe0, 0x8d),
+        "DISCONNECT keep-alive timeout"
+    );
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1400) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+    // 3.1.1 cannot be told: keep-alive 0 or over the maximum is refused (0x02), within it
+    // accepted.
+    for (ka, want) in [(0u8, 2u8), (5, 2), (1, 0)] {
+        let mut s = bus.raw();
+        s.write_all(&[0x10, 12, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, ka, 0, 0])
+            .unwrap();
+        assert_eq!(read_packet(&mut s), [0x20, 2, 0, want], "keep-alive {ka}");
+    }
+}
+
+#[test]
+fn bench_open_loop_keeps_to_its_rate() {
+    let bus = Bus::start(&[]);
+    let o = Command::new(BIN)
+        .args([
+            "bus",
+            "bench",
+            &bus.addr,
+            "--scenario",
+            "pairs",
+            "-n",
+            "2",
+            "--rate",
+            "200",
+            "-d",
+            "1s",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    // Two publishers at 200/s for 1 s: 201 messages each at most (the one due at 0 s
+    // included), and not far fewer.
+    let sent = v["sent"].as_u64().unwrap();
+    assert!((300..=402).contains(&sent), "sent {sent}: {v}");
+    assert_eq!(v["delivered"].as_u64(), Some(sent), "{v}");
+    assert_eq!(v["lost"], 0, "{v}");
+}
+
+#[test]
+fn server_shutdown_publishes_the_wills_of_connected_clients() {
+    let mut bus = Bus::start(&[]);
+    let watcher = sub_bg(&bus.port, &["-t", "will/#", "-C", "1", "-v"]);
+    let mut client = Command::new("mosquitto_sub")
+        .args([
+            "-p",
+            &bus.port,
+            "-t",
+            "nothing",
+            "--will-topic",
+            "will/shutdown",
+            "--will-payload",
+            "server gone",
+            "-V",
+            "5",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    signal(bus.child.id(), libc::SIGTERM);
+    let st = wait_timeout(&mut bus.child, Duration::from_secs(10)).expect("the broker stops");
+    assert!(st.success(), "{st:?}");
+    assert_eq!(finish(watcher), "will/shutdown server gone\n");
+    let _ = client.kill();
+    let _ = client.wait();
+}
+
+/// A 5.0 CONNECT with clean start off, a session expiry, and a QoS 1 will with a delay.
+fn connect_with_will(id: &str, expiry: u32, topic: &str, payload: &str, delay: u32) -> Vec<u8> {
+    // Will flag, will QoS 1.
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 5, 0b0000_1100, 0, 60];
+    body.push(5);
+    body.push(0x11);
+    body.extend_from_slice(&expiry.to_be_bytes());
+    body.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    body.extend_from_slice(id.as_bytes());
+    body.push(5);
+    body.push(0x18);
+    body.extend_from_slice(&delay.to_be_bytes());
+    for s in [topic.as_bytes(), payload.as_bytes()] {
+        body.extend_from_slice(&(s.len() as u16).to_be_bytes());
+        body.extend_from_slice(s);
+    }
+    let mut p = vec![0x10, body.len() as u8];
+    p.extend(body);
+    p
+}
+
+#[test]
+fn with_data_expiry_and_delayed_wills_count_from_the_disconnect_across_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let args = ["--data", data];
+    let mut bus = Bus::start(&args);
+    // "brief": a 5.0 session expiring 3 s after it disconnects.
+    let brief = ConnectOptions {
+        version: Version::V5,
+        client_id: "brief".into(),
+        clean: false,
+        session_expiry: Some(3),
+        ..Default::default()
+    };
+    let (mut c, _) = Client::connect(&bus.endpoint(), &brief).unwrap();
+    c.subscribe(&["b".into()], mqtt_proto::QoS::Level1).unwrap();
+    c.disconnect().unwrap();
+    let t0 = Instant::now();
+    // "watch": a persistent subscriber of the will's topic, offline, so that the will is
+    // queued for it whenever it goes out.
+    let watch = ConnectOptions {
+        version: Version::V5,
+        client_id: "watch".into(),
+        clean: false,
+        session_expiry: Some(600),
+        ..Default::default()
+    };
+    let (mut c, _) = Client::connect(&bus.endpoint(), &watch).unwrap();
+    c.subscribe(&["w".into()], mqtt_proto::QoS::Level1).unwrap();
+    c.disconnect().unwrap();
+    // "willing": its connection is lost; its will waits 2 s.
+    let mut w = bus.raw();
+    w.write_all(&connect_with_will("willing", 60, "w", "late", 2))
+        .unwrap();
+    let ack = read_packet(&mut w);
+    assert_eq!((ack[0], ack[3]), (0x20, 0), "CONNACK success: {ack:x?}");
+    drop(w);
+    std::thread::sleep(Duration::from_millis(1500));
+    bus.kill9();
+    let bus = Bus::start(&args);
+    // The pending will survived the kill, and went out when its delay (counted from the
+    // lost connection, before the restart) had passed.
+    let (mut c, ack) = Client::connect(&bus.endpoint(), &watch).unwrap();
+    assert!(ack.session_present);
+    c.socket()
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let m = c.next_message().expect("the will");
+    assert_eq!((&*m.topic_name, &m.payload[..]), ("w", &b"late"[..]));
+    // "brief" expired 3 s after its DISCONNECT, not 3 s after the restart.
+    while t0.elapsed() < Duration::from_millis(3500) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_c, ack) = Client::connect(&bus.endpoint(), &brief).unwrap();
+    assert!(
+        !ack.session_present,
+        "the session expired while the broker was down"
+    );
+}
+
+#[test]
+fn bus_sub_v_means_print_topics_as_with_mosquitto_sub() {
+    let o = Command::new(BIN)
+        .args(["bus", "sub", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        help.lines()
+            .any(|l| l.contains("-v") && l.contains("topic before it")),
+        "{help}"
+    );
 }

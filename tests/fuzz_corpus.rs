@@ -54,3 +54,8 @@ fn range_headers() {
 fn bench_checkers() {
     replay("bench_checkers", harness::bench_checkers);
 }
+
+#[test]
+fn bus_dbus() {
+    replay("bus_dbus", harness::bus_dbus);
+}

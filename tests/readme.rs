@@ -81,16 +81,18 @@ fn the_quick_start_runs_as_written() {
     );
     assert!(left.is_empty(), "servers left running: {left:?}\n{stderr}");
     for expect in [
-        "\n!esrever ,olleH",                // notes.txt reversed
-        "\nhello\n",                        // through the Unix echo server
-        "http://127.0.0.1:",                // the HTTP server's address
-        "requests    ",                     // a bench summary
-        "\"requests\"",                     // the --json one
-        "Key to the --compare table",       // the c10k comparison
-        "backlog",                          // the lab
-        "experiments: 32 match the course", // lab all
-        "verified (sequence + CRC-32)",     // socklab ipc
-        "lost 0  duplicates 0",             // socklab bus bench
+        "\n!esrever ,olleH",                        // notes.txt reversed
+        "\nhello\n",                                // through the Unix echo server
+        "http://127.0.0.1:",                        // the HTTP server's address
+        "requests    ",                             // a bench summary
+        "\"requests\"",                             // the --json one
+        "Key to the --compare table",               // the c10k comparison
+        "backlog",                                  // the lab
+        "experiments: 32 match the course",         // lab all
+        "verified (sequence + CRC-32)",             // socklab ipc
+        "lost 0  duplicates 0",                     // socklab bus bench
+        "\nrefused\n",                              // a wrong password, on the guarded bus
+        "owns com.example.Greeter\nHello, world\n", // socklab bus own, bus call
     ] {
         assert!(stdout.contains(expect), "no {expect:?} in:\n{stdout}");
     }

@@ -19,9 +19,11 @@
 //! says the batch is durable.
 
 use super::codec::{Message, Version};
+use super::dbus::{self, Bus};
 use super::store::{Record, StoreOp, StoredMsg};
-use super::topic::{parse_filter, ClientIx, Matches, SubOpts, Trie};
+use super::topic::{parse_filter, ByTopic, ClientIx, Matches, SubOpts, Trie};
 use crate::model::evloop::Slab;
+use crate::timer::Timers;
 use bytes::Bytes;
 use mqtt_proto::v5::{self, ConnectReasonCode as Crc, DisconnectReasonCode as Drc};
 use mqtt_proto::{Pid, QoS, QosPid, TopicFilter};
@@ -44,6 +46,22 @@ pub struct Identity {
     pub username: Option<Arc<str>>,
     /// The client identifier (assigned if the client sent none).
     pub client_id: Arc<str>,
+    /// How the user name was established (see [`super::auth::Gate`]).
+    pub verified: Verified,
+}
+
+/// How a user name was established.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Verified {
+    /// Taken from CONNECT as given (no password file), or no user name.
+    #[default]
+    None,
+    /// CONNECT's password matched the password file.
+    Password,
+    /// A verified TLS client certificate.
+    Certificate,
+    /// The Unix-socket peer's uid (`SO_PEERCRED`).
+    PeerCred,
 }
 
 /// Decides who may connect, publish and subscribe.
@@ -55,8 +73,37 @@ pub trait Authorizer: Send + Sync + std::fmt::Debug {
     fn connect(&self, who: &Identity, password: Option<&[u8]>) -> Result<(), Crc>;
     /// May it publish to `topic`?
     fn publish(&self, who: &Identity, topic: &str) -> bool;
-    /// May it subscribe to `filter`?
+    /// May it subscribe to `filter` (without a `$share/GROUP/` prefix)?
     fn subscribe(&self, who: &Identity, filter: &str) -> bool;
+    /// May it own (or wait in the queue for) the well-known bus name `name`? Asked by
+    /// `RequestName` before the registry changes (the D-Bus half, [`super::dbus`]).
+    fn own(&self, who: &Identity, name: &str) -> bool {
+        let _ = (who, name);
+        true
+    }
+    /// May it call `member` (of `interface`, if given) on the bus name `destination`?
+    /// Asked before the call is routed; `Ping` and `Introspect` are always answered.
+    fn call(
+        &self,
+        who: &Identity,
+        destination: &str,
+        interface: Option<&str>,
+        member: &str,
+    ) -> bool {
+        let _ = (who, destination, interface, member);
+        true
+    }
+    /// For a granted subscription: must each delivery through it be checked with
+    /// [`Authorizer::read`] (a rule forbids part of what the filter matches)?
+    fn subscribe_filtered(&self, who: &Identity, filter: &str) -> bool {
+        let _ = (who, filter);
+        false
+    }
+    /// May it receive a message published to `topic`?
+    fn read(&self, who: &Identity, topic: &str) -> bool {
+        let _ = (who, topic);
+        true
+    }
 }
 
 /// Everyone may do everything (the default, as with mosquitto without a password file).
@@ -84,8 +131,10 @@ pub struct BrokerConfig {
     pub max_queued: usize,
     /// Bytes queued for one client.
     pub max_queued_bytes: usize,
-    /// Bytes queued for all clients together.
+    /// Bytes of queued and retained messages together (the global memory cap).
     pub max_total_bytes: usize,
+    /// Sessions, connected or not (past it a new client gets CONNACK "quota exceeded").
+    pub max_sessions: usize,
     /// Largest packet accepted (sent in CONNACK).
     pub max_packet: u32,
     /// Topic aliases a client may use (sent in CONNACK).
@@ -94,10 +143,14 @@ pub struct BrokerConfig {
     pub receive_max: u16,
     /// Longest keep-alive accepted; a longer or zero one is replaced (server keep-alive).
     pub max_keep_alive: Option<u16>,
+    /// Subscriptions one session may hold (past it: SUBACK 0x97, quota exceeded).
+    pub max_subscriptions: usize,
     /// How often `$SYS` is published.
     pub sys_interval: Duration,
     /// Whether acknowledgements wait for the store.
     pub durable: bool,
+    /// Limits of the D-Bus half (names, rules, calls waiting for replies).
+    pub bus: super::dbus::BusConfig,
 }
 
 impl Default for BrokerConfig {
@@ -107,12 +160,15 @@ impl Default for BrokerConfig {
             max_queued: 1000,
             max_queued_bytes: 16 << 20,
             max_total_bytes: 1 << 30,
+            max_sessions: 1_000_000,
             max_packet: 1 << 20,
             topic_alias_max: 64,
             receive_max: 1024,
             max_keep_alive: None,
+            max_subscriptions: 10_000,
             sys_interval: Duration::from_secs(10),
             durable: false,
+            bus: Default::default(),
         }
     }
 }
@@ -189,39 +245,55 @@ struct Inflight {
     p: Pending,
 }
 
+/// What a broker deadline is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Due {
+    /// A delayed will goes out.
+    Will,
+    /// An offline session expires.
+    Expiry,
+}
+
 #[derive(Debug, Clone)]
 struct Will {
     msg: Message,
     delay: u32,
+    /// When a delayed will goes out (once its connection ended).
+    at: Option<Instant>,
 }
 
+/// A session's message flow: what is in flight and queued, and the packet identifiers in
+/// use. Allocated with the first QoS 1/2 message, so that an idle session does not carry it.
 #[derive(Debug)]
-struct Client {
-    id: Arc<str>,
-    conn: Option<ConnId>,
-    version: Version,
-    identity: Identity,
-    /// Session expiry interval in seconds (`u32::MAX`: never).
-    expiry: u32,
-    expires_at: Option<Instant>,
-    subs: HashMap<Arc<str>, SubOpts>,
+struct Flow {
     inflight: VecDeque<Inflight>,
-    window: usize,
     queue: VecDeque<Pending>,
+    /// Bytes held by `inflight` and `queue` (for the caps).
     queued_bytes: usize,
     next_pid: u16,
+    /// QoS 2 packet identifiers received and not yet released.
     rx_qos2: HashSet<u16>,
-    will: Option<Will>,
-    will_at: Option<Instant>,
+    /// Store key of the last message persisted for this session.
     next_seq: u64,
+    /// Messages dropped at the caps (the log says so at 1, 2, 4, 8...).
     dropped: u64,
 }
 
-impl Client {
-    fn persistent(&self) -> bool {
-        self.expiry > 0
+impl Default for Flow {
+    fn default() -> Self {
+        Flow {
+            inflight: VecDeque::new(),
+            queue: VecDeque::new(),
+            queued_bytes: 0,
+            next_pid: 0,
+            rx_qos2: HashSet::new(),
+            next_seq: 1,
+            dropped: 0,
+        }
     }
+}
 
+impl Flow {
     fn alloc_pid(&mut self) -> u16 {
         loop {
             self.next_pid = self.next_pid.wrapping_add(1).max(1);
@@ -231,13 +303,96 @@ impl Client {
             }
         }
     }
+}
 
-    fn record(&self) -> Record {
+/// A session's subscriptions (filter text → options), allocated with the first one.
+#[derive(Debug, Default)]
+// Boxed on purpose: a map is 48 bytes inline, which every idle session would carry.
+#[allow(clippy::box_collection)]
+struct Subs(Option<Box<HashMap<Arc<str>, SubOpts>>>);
+
+impl Subs {
+    fn insert(&mut self, f: Arc<str>, o: SubOpts) -> Option<SubOpts> {
+        self.0.get_or_insert_with(Default::default).insert(f, o)
+    }
+
+    fn remove(&mut self, f: &str) -> Option<SubOpts> {
+        self.0.as_mut()?.remove(f)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&Arc<str>, &SubOpts)> {
+        self.0.iter().flat_map(|m| m.iter())
+    }
+
+    fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |m| m.len())
+    }
+
+    fn contains(&self, f: &str) -> bool {
+        self.0.as_ref().is_some_and(|m| m.contains_key(f))
+    }
+}
+
+/// A session (MQTT's sense: it outlives connections). Kept small: an idle client costs this
+/// struct, its identity and its map entries; its flow, subscriptions and will are allocated
+/// when it has them.
+#[derive(Debug)]
+struct Client {
+    id: Arc<str>,
+    conn: Option<ConnId>,
+    version: Version,
+    /// Messages in flight at most: `--max-inflight`, capped by the client's receive maximum.
+    window: u16,
+    /// Session expiry interval in seconds (`u32::MAX`: never).
+    expiry: u32,
+    identity: Identity,
+    expires_at: Option<Instant>,
+    subs: Subs,
+    flow: Option<Box<Flow>>,
+    will: Option<Box<Will>>,
+    /// Some subscription needs each delivery checked ([`Authorizer::subscribe_filtered`]).
+    filtered: bool,
+}
+
+impl Client {
+    fn persistent(&self) -> bool {
+        self.expiry > 0
+    }
+
+    /// The flow, allocated on first use.
+    fn flow(&mut self) -> &mut Flow {
+        self.flow.get_or_insert_with(Default::default)
+    }
+
+    fn inflight_len(&self) -> usize {
+        self.flow.as_ref().map_or(0, |f| f.inflight.len())
+    }
+
+    /// When an offline session's connection ended, as far as its deadlines tell (its expiry,
+    /// or its delayed will); `None` for a connected session, or one with neither.
+    fn offline_since(&self) -> Option<Instant> {
+        if self.conn.is_some() {
+            return None;
+        }
+        let by_expiry = self
+            .expires_at
+            .and_then(|at| at.checked_sub(Duration::from_secs(self.expiry as u64)));
+        by_expiry.or_else(|| {
+            let w = self.will.as_ref()?;
+            w.at?
+                .checked_sub(Duration::from_secs(w.delay.min(self.expiry) as u64))
+        })
+    }
+
+    /// The session as the store keeps it (`offline_since`: when its connection ended).
+    fn record(&self, offline_since: Option<Instant>) -> Record {
         Record {
             client: self.id.clone(),
             expiry: self.expiry,
             v5: self.version.is_v5(),
             subs: self.subs.iter().map(|(f, o)| (f.clone(), *o)).collect(),
+            offline_since,
+            will: self.will.as_ref().map(|w| (w.msg.clone(), w.delay)),
         }
     }
 }
@@ -251,20 +406,29 @@ pub struct Broker {
     by_id: HashMap<Arc<str>, ClientIx>,
     conns: HashMap<ConnId, ClientIx>,
     trie: Trie,
-    retained: HashMap<Arc<str>, Arc<Message>>,
+    /// Retained messages by topic (walked by each new subscription's filter).
+    retained: ByTopic<Arc<Message>>,
     total_queued: usize,
+    /// Bytes held by retained messages (they count against the global cap too).
+    retained_bytes: usize,
+    /// Retained messages not kept for the global cap (the log says so at 1, 2, 4...).
+    retained_refused: u64,
     /// Shared counters.
     pub stats: Arc<Stats>,
     started: Instant,
     next_sys: Instant,
     assigned: u64,
     matches: Matches,
+    /// Delayed wills and session expiries, in order.
+    timers: Timers<(ClientIx, Due)>,
     /// Deliveries and packets for connections, in order.
     pub out: Vec<(ConnId, Out)>,
     /// Acknowledgements to send once `ops` are durable (with `--data`).
     pub gated: Vec<(ConnId, Out)>,
     /// Changes for the store.
     pub ops: Vec<StoreOp>,
+    /// The D-Bus half: unique and well-known names, calls, match rules, monitors.
+    dbus: Bus,
 }
 
 impl Broker {
@@ -272,18 +436,22 @@ impl Broker {
     pub fn new(cfg: BrokerConfig, auth: Arc<dyn Authorizer>, now: Instant) -> Broker {
         Broker {
             next_sys: now,
+            dbus: Bus::new(cfg.bus.clone(), auth.clone()),
             cfg,
             auth,
             clients: Slab::new(),
             by_id: HashMap::new(),
             conns: HashMap::new(),
             trie: Trie::new(),
-            retained: HashMap::new(),
+            retained: ByTopic::new(),
+            retained_bytes: 0,
+            retained_refused: 0,
             total_queued: 0,
             stats: Arc::new(Stats::default()),
             started: now,
             assigned: 0,
             matches: Matches::default(),
+            timers: Timers::new(),
             out: Vec::new(),
             gated: Vec::new(),
             ops: Vec::new(),
@@ -310,6 +478,36 @@ impl Broker {
         self.total_queued
     }
 
+    /// The D-Bus half (names, calls, rules), for queries and tests.
+    pub fn bus(&self) -> &Bus {
+        &self.dbus
+    }
+
+    /// When the earliest method call waiting for a reply times out.
+    pub fn next_call_deadline(&self) -> Option<Instant> {
+        self.dbus.next_deadline()
+    }
+
+    /// Deliver what the D-Bus half produced, each to one connection's session.
+    fn flush_bus(&mut self, now: Instant) {
+        if self.dbus.out.is_empty() {
+            return;
+        }
+        for s in std::mem::take(&mut self.dbus.out) {
+            if let Some(&ix) = self.conns.get(&s.to) {
+                self.deliver(ix, s.msg, s.qos, false, Vec::new(), now);
+            }
+        }
+    }
+
+    /// Method calls whose timeout passed fail with `NoReply` (any loop may call this).
+    pub fn expire_calls(&mut self, now: Instant) {
+        if self.dbus.next_deadline().is_some_and(|d| d <= now) {
+            self.dbus.expire(now);
+            self.flush_bus(now);
+        }
+    }
+
     fn send(&mut self, conn: ConnId, out: Out) {
         self.out.push((conn, out));
     }
@@ -332,7 +530,9 @@ impl Broker {
         now: Instant,
     ) {
         for m in retained {
-            self.retained.insert(m.topic.clone(), Arc::new(m));
+            let topic = m.topic.clone();
+            self.retained_bytes += m.cost();
+            self.retained.insert(&topic, Arc::new(m));
         }
         for r in records {
             let ix = self.new_client(
@@ -345,8 +545,24 @@ impl Broker {
             );
             let c = &mut self.clients.get_mut(ix).expect("just added");
             c.expiry = r.expiry;
-            c.expires_at =
-                (r.expiry != u32::MAX).then(|| now + Duration::from_secs(r.expiry as u64));
+            // A session that was connected when the server went down lost its connection
+            // now, without DISCONNECT: its expiry runs from now and its will applies. One
+            // that was offline keeps counting from when it went offline.
+            let since = r.offline_since.unwrap_or(now);
+            if r.expiry != u32::MAX {
+                let at = since + Duration::from_secs(r.expiry as u64);
+                c.expires_at = Some(at);
+                self.timers.insert(at, (ix, Due::Expiry));
+            }
+            if let Some((msg, delay)) = r.will {
+                let at = since + Duration::from_secs(delay.min(r.expiry) as u64);
+                c.will = Some(Box::new(Will {
+                    msg,
+                    delay,
+                    at: Some(at),
+                }));
+                self.timers.insert(at, (ix, Due::Will));
+            }
             for (f, o) in r.subs {
                 if let Some(pf) = parse_filter(&f) {
                     self.trie.insert(&pf, ix, o);
@@ -359,6 +575,7 @@ impl Broker {
                 self.clients
                     .get_mut(ix)
                     .expect("present")
+                    .flow()
                     .rx_qos2
                     .insert(pid);
             }
@@ -371,7 +588,7 @@ impl Broker {
             };
             let cost = q.msg.cost();
             self.total_queued += cost;
-            let c = self.clients.get_mut(ix).expect("present");
+            let c = self.clients.get_mut(ix).expect("present").flow();
             c.next_seq = c.next_seq.max(q.seq + 1);
             c.queued_bytes += cost;
             let p = Pending {
@@ -406,17 +623,11 @@ impl Broker {
             identity,
             expiry: 0,
             expires_at: None,
-            subs: HashMap::new(),
-            inflight: VecDeque::new(),
-            window: self.cfg.max_inflight.max(1) as usize,
-            queue: VecDeque::new(),
-            queued_bytes: 0,
-            next_pid: 0,
-            rx_qos2: HashSet::new(),
+            subs: Subs::default(),
+            window: self.cfg.max_inflight.max(1),
+            flow: None,
             will: None,
-            will_at: None,
-            next_seq: 1,
-            dropped: 0,
+            filtered: false,
         });
         self.by_id.insert(id, ix);
         ix
@@ -427,12 +638,18 @@ impl Broker {
         let Some(c) = self.clients.remove(ix) else {
             return;
         };
-        for f in c.subs.keys() {
+        if let Some(at) = c.expires_at {
+            self.timers.remove(at, (ix, Due::Expiry));
+        }
+        if let Some(at) = c.will.as_ref().and_then(|w| w.at) {
+            self.timers.remove(at, (ix, Due::Will));
+        }
+        for (f, _) in c.subs.iter() {
             if let Some(pf) = parse_filter(f) {
                 self.trie.remove(&pf, ix);
             }
         }
-        self.total_queued -= c.queued_bytes;
+        self.total_queued -= c.flow.as_ref().map_or(0, |f| f.queued_bytes);
         if self.by_id.get(&c.id) == Some(&ix) {
             self.by_id.remove(&c.id);
         }
@@ -450,18 +667,21 @@ impl Broker {
         mut identity: Identity,
         now: Instant,
     ) {
-        let refuse = |b: &mut Broker, code: Crc| {
-            b.send(
-                conn,
-                pkt(v5::Packet::Connack(v5::Connack::new(false, code))),
-            );
+        let refuse = |b: &mut Broker, code: Crc, why: &str| {
+            let mut ack = v5::Connack::new(false, code);
+            ack.properties.reason_string = Some(why.into());
+            b.send(conn, pkt(v5::Packet::Connack(ack)));
             b.send(conn, Out::Close(None));
         };
         let mut assigned = None;
         let id: Arc<str> = if c.client_id.is_empty() {
             if !version.is_v5() && !c.clean_start {
                 // 3.1.1: a zero-length identifier needs a clean session.
-                return refuse(self, Crc::ClientIdentifierNotValid);
+                return refuse(
+                    self,
+                    Crc::ClientIdentifierNotValid,
+                    "an empty client identifier needs a clean session",
+                );
             }
             self.assigned += 1;
             let id: Arc<str> = format!("socklab-{}-{}", std::process::id(), self.assigned).into();
@@ -471,10 +691,39 @@ impl Broker {
             c.client_id.clone()
         };
         identity.client_id = id.clone();
-        identity.username = c.username.clone();
+        if identity.username.is_none() {
+            identity.username = c.username.clone().filter(|u| !u.is_empty());
+        }
+        if let Some(method) = &c.properties.auth_method {
+            // Enhanced authentication (AUTH exchanges) is not offered: no method is known.
+            tracing::info!(client = %id, peer = %identity.peer, %method, "connection refused: unknown authentication method");
+            return refuse(
+                self,
+                Crc::BadAuthMethod,
+                "no enhanced authentication method is offered",
+            );
+        }
+        if let Some(max) = self.cfg.max_keep_alive {
+            // 3.1.1 has no way to tell a client to use another keep-alive: one longer than
+            // allowed (or none) is refused, as mosquitto does.
+            if !version.is_v5() && (c.keep_alive == 0 || c.keep_alive > max) {
+                tracing::info!(client = %id, peer = %identity.peer, keep_alive = c.keep_alive, max, "connection refused: keep-alive over --max-keep-alive");
+                return refuse(
+                    self,
+                    Crc::ClientIdentifierNotValid,
+                    "keep-alive over the server's maximum",
+                );
+            }
+        }
         if let Err(code) = self.auth.connect(&identity, c.password.as_deref()) {
             tracing::info!(client = %id, peer = %identity.peer, ?code, "connection refused");
-            return refuse(self, code);
+            return refuse(self, code, "not authorized");
+        }
+        if let Some(w) = &c.last_will {
+            if !self.auth.publish(&identity, &w.topic_name) {
+                tracing::info!(client = %id, topic = %&*w.topic_name, "connection refused: the will's topic is not writable");
+                return refuse(self, Crc::NotAuthorized, "the will's topic is not writable");
+            }
         }
         let expiry = if version.is_v5() {
             c.properties.session_expiry_interval.unwrap_or(0)
@@ -489,6 +738,8 @@ impl Broker {
             let old_conn = self.clients.get_mut(ix).and_then(|cl| cl.conn.take());
             if let Some(old) = old_conn {
                 self.conns.remove(&old);
+                self.dbus.disconnected(old);
+                self.flush_bus(now);
                 self.send(old, Out::Close(Some(Drc::SessionTakenOver)));
                 // The old connection ended without DISCONNECT: its will goes out, unless a
                 // will delay lets the resumed session cancel it.
@@ -507,17 +758,30 @@ impl Broker {
         }
         let ix = match self.by_id.get(&id) {
             Some(&ix) => ix,
+            None if self.clients.len() >= self.cfg.max_sessions => {
+                tracing::warn!(client = %id, max = self.cfg.max_sessions, "connection refused: too many sessions");
+                return refuse(
+                    self,
+                    Crc::QuotaExceeded,
+                    "the server holds too many sessions",
+                );
+            }
             None => self.new_client(id.clone(), version, identity.clone()),
         };
-        let cfg_inflight = self.cfg.max_inflight.max(1) as usize;
+        let cfg_inflight = self.cfg.max_inflight.max(1);
         let cl = self.clients.get_mut(ix).expect("present");
         cl.conn = Some(conn);
         cl.version = version;
         cl.identity = identity;
         cl.expiry = expiry;
-        cl.expires_at = None;
-        cl.will_at = None;
-        cl.window = cfg_inflight.min(c.properties.receive_max.unwrap_or(u16::MAX) as usize);
+        // A resumed session no longer expires, and its pending will is cancelled.
+        if let Some(at) = cl.expires_at.take() {
+            self.timers.remove(at, (ix, Due::Expiry));
+        }
+        if let Some(at) = cl.will.as_ref().and_then(|w| w.at) {
+            self.timers.remove(at, (ix, Due::Will));
+        }
+        cl.window = cfg_inflight.min(c.properties.receive_max.unwrap_or(u16::MAX));
         cl.will = c.last_will.as_ref().map(|w| {
             let mut pubw = v5::Publish::new(
                 match w.qos {
@@ -538,14 +802,16 @@ impl Broker {
             pubw.properties.user_properties = wp.user_properties.clone();
             let mut msg = Message::from_publish(&pubw, Arc::from(&*w.topic_name), now);
             msg.expires = None;
-            Will {
+            Box::new(Will {
                 msg,
                 delay: wp.delay_interval.unwrap_or(0),
-            }
+                at: None,
+            })
         });
         let persistent = cl.persistent();
-        let record = cl.record();
+        let record = cl.record(None);
         self.conns.insert(conn, ix);
+        let unique = self.dbus.connected(conn);
         if persistent {
             self.ops.push(StoreOp::Session(record));
         }
@@ -568,10 +834,75 @@ impl Broker {
             if c.properties.request_response_info == Some(true) {
                 p.response_info = Some(format!("socklab/response/{id}").into());
             }
+            p.user_properties.push(v5::UserProperty {
+                name: dbus::prop::UNIQUE_NAME.into(),
+                value: unique,
+            });
         }
         self.send(conn, pkt(v5::Packet::Connack(ack)));
+        // NameOwnerChanged for the new unique name, after the CONNACK.
+        self.flush_bus(now);
         if present {
+            // The session may have been made by another user: what it may no longer
+            // have goes before anything is resent.
+            self.recheck(ix);
             self.resume(ix, now);
+        }
+    }
+
+    /// Replace the authorizer (SIGHUP reread the files): connected clients it refuses are
+    /// disconnected (5.0: reason 0x87), and every session loses the subscriptions it may no
+    /// longer have.
+    pub fn set_authorizer(&mut self, auth: Arc<dyn Authorizer>, now: Instant) {
+        self.auth = auth;
+        let mut refused = Vec::new();
+        for ix in self.clients.tokens() {
+            let c = self.clients.get(ix).expect("listed");
+            if let Some(conn) = c.conn {
+                if self.auth.connect(&c.identity, None).is_err() {
+                    refused.push(conn);
+                }
+            }
+            self.recheck(ix);
+        }
+        for conn in refused {
+            tracing::info!(conn, "disconnected: no longer authorized");
+            self.send(conn, Out::Close(Some(Drc::NotAuthorized)));
+            self.closed(conn, false, now);
+        }
+    }
+
+    /// Check session `ix`'s subscriptions against its identity: drop those refused, and
+    /// note whether deliveries must be checked one by one.
+    fn recheck(&mut self, ix: ClientIx) {
+        let Some(c) = self.clients.get_mut(ix) else {
+            return;
+        };
+        let mut gone = Vec::new();
+        let mut filtered = false;
+        for (f, _) in c.subs.iter() {
+            let Some(pf) = parse_filter(f) else {
+                continue;
+            };
+            if !self.auth.subscribe(&c.identity, pf.filter) {
+                gone.push(f.clone());
+            } else {
+                filtered |= self.auth.subscribe_filtered(&c.identity, pf.filter);
+            }
+        }
+        c.filtered = filtered;
+        if gone.is_empty() {
+            return;
+        }
+        tracing::info!(client = %c.id, withdrawn = gone.len(), "subscriptions withdrawn: no longer authorized");
+        for f in &gone {
+            c.subs.remove(f);
+            if let Some(pf) = parse_filter(f) {
+                self.trie.remove(&pf, ix);
+            }
+        }
+        if c.persistent() {
+            self.ops.push(StoreOp::Session(c.record(c.offline_since())));
         }
     }
 
@@ -584,7 +915,7 @@ impl Broker {
             return;
         };
         let mut outs = Vec::new();
-        for f in &cl.inflight {
+        for f in cl.flow.iter().flat_map(|f| f.inflight.iter()) {
             outs.push(match f.state {
                 Flight::Sent => Out::Publish(Delivery {
                     msg: f.p.msg.clone(),
@@ -613,17 +944,21 @@ impl Broker {
         let Some(conn) = cl.conn else {
             return;
         };
+        let window = cl.window as usize;
+        let persistent = cl.persistent();
+        let Some(flow) = cl.flow.as_deref_mut() else {
+            return; // nothing ever queued
+        };
         let mut outs = Vec::new();
         let mut freed = 0;
         let mut dropped = 0;
-        let persistent = cl.persistent();
         let mut ops = Vec::new();
-        while cl.inflight.len() < cl.window {
-            let Some(p) = cl.queue.pop_front() else {
+        while flow.inflight.len() < window {
+            let Some(p) = flow.queue.pop_front() else {
                 break;
             };
             let cost = p.msg.cost();
-            cl.queued_bytes -= cost;
+            flow.queued_bytes -= cost;
             freed += cost;
             if p.msg.expired(now) {
                 dropped += 1;
@@ -643,12 +978,12 @@ impl Broker {
                 }));
                 continue;
             }
-            let pid = cl.alloc_pid();
+            let pid = flow.alloc_pid();
             if persistent && p.seq != 0 {
                 ops.push(StoreOp::Flight(cl.id.clone(), p.seq, pid, false));
             }
             // Its bytes stay counted while in flight.
-            cl.queued_bytes += cost;
+            flow.queued_bytes += cost;
             freed -= cost;
             outs.push(Out::Publish(Delivery {
                 msg: p.msg.clone(),
@@ -658,7 +993,7 @@ impl Broker {
                 retain: p.retain,
                 sub_ids: p.sub_ids.clone(),
             }));
-            cl.inflight.push_back(Inflight {
+            flow.inflight.push_back(Inflight {
                 pid,
                 state: Flight::Sent,
                 p,
@@ -688,7 +1023,10 @@ impl Broker {
     ) {
         let max_queued = self.cfg.max_queued;
         let max_bytes = self.cfg.max_queued_bytes;
-        let total_room = self.cfg.max_total_bytes.saturating_sub(self.total_queued);
+        let total_room = self
+            .cfg
+            .max_total_bytes
+            .saturating_sub(self.total_queued + self.retained_bytes);
         let Some(cl) = self.clients.get_mut(ix) else {
             return;
         };
@@ -709,17 +1047,16 @@ impl Broker {
             return;
         }
         let cost = msg.cost();
-        if cl.conn.is_some()
-            && cl.queue.is_empty()
-            && cl.inflight.len() < cl.window
-            && cost <= total_room
-        {
-            let pid = cl.alloc_pid();
-            let seq = if cl.persistent() {
-                cl.next_seq += 1;
+        let (conn, window, persistent) = (cl.conn, cl.window as usize, cl.persistent());
+        let flow = cl.flow.get_or_insert_with(Default::default);
+        let free = flow.queue.is_empty() && flow.inflight.len() < window && cost <= total_room;
+        if let Some(conn) = conn.filter(|_| free) {
+            let pid = flow.alloc_pid();
+            let seq = if persistent {
+                flow.next_seq += 1;
                 self.ops.push(StoreOp::Queue(StoredMsg {
                     client: cl.id.clone(),
-                    seq: cl.next_seq,
+                    seq: flow.next_seq,
                     msg: (*msg).clone(),
                     qos,
                     retain,
@@ -727,14 +1064,13 @@ impl Broker {
                     pid,
                     released: false,
                 }));
-                cl.next_seq
+                flow.next_seq
             } else {
                 0
             };
-            cl.queued_bytes += cost;
+            flow.queued_bytes += cost;
             self.total_queued += cost;
-            let conn = cl.conn.expect("online");
-            cl.inflight.push_back(Inflight {
+            flow.inflight.push_back(Inflight {
                 pid,
                 state: Flight::Sent,
                 p: Pending {
@@ -758,22 +1094,25 @@ impl Broker {
             ));
             return;
         }
-        if cl.queue.len() >= max_queued || cl.queued_bytes + cost > max_bytes || cost > total_room {
-            cl.dropped += 1;
+        if flow.queue.len() >= max_queued
+            || flow.queued_bytes + cost > max_bytes
+            || cost > total_room
+        {
+            flow.dropped += 1;
             self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-            if cl.dropped.is_power_of_two() {
+            if flow.dropped.is_power_of_two() {
                 tracing::warn!(
-                    client = %cl.id, dropped = cl.dropped, queued = cl.queue.len(),
+                    client = %cl.id, dropped = flow.dropped, queued = flow.queue.len(),
                     "queue full: dropping QoS {qos} messages for this client (count so far)"
                 );
             }
             return;
         }
-        let seq = if cl.persistent() {
-            cl.next_seq += 1;
+        let seq = if persistent {
+            flow.next_seq += 1;
             self.ops.push(StoreOp::Queue(StoredMsg {
                 client: cl.id.clone(),
-                seq: cl.next_seq,
+                seq: flow.next_seq,
                 msg: (*msg).clone(),
                 qos,
                 retain,
@@ -781,20 +1120,20 @@ impl Broker {
                 pid: 0,
                 released: false,
             }));
-            cl.next_seq
+            flow.next_seq
         } else {
             0
         };
-        cl.queued_bytes += cost;
+        flow.queued_bytes += cost;
         self.total_queued += cost;
-        cl.queue.push_back(Pending {
+        flow.queue.push_back(Pending {
             msg,
             qos,
             retain,
             sub_ids,
             seq,
         });
-        if cl.conn.is_some() {
+        if conn.is_some() {
             self.refill(ix, now);
         }
     }
@@ -805,7 +1144,11 @@ impl Broker {
     pub fn route(&mut self, msg: Arc<Message>, from: Option<ClientIx>, now: Instant) {
         let mut m = std::mem::take(&mut self.matches);
         self.trie.matches(&msg.topic, &mut m);
-        m.subs.sort_unstable_by_key(|s| s.0);
+        // One client's overlapping subscriptions are merged below: group them (usually they
+        // come in order already, one node's list).
+        if !m.subs.is_sorted_by_key(|s| s.0) {
+            m.subs.sort_unstable_by_key(|s| s.0);
+        }
         let mut i = 0;
         while i < m.subs.len() {
             let ix = m.subs[i].0;
@@ -826,13 +1169,13 @@ impl Broker {
                     ids.push(id);
                 }
             }
-            if any {
+            if any && self.may_read(ix, &msg.topic) {
                 self.deliver(ix, msg.clone(), qos, retain, ids, now);
             }
         }
         for k in 0..m.shared.len() {
             let (ix, o) = m.shared[k];
-            if o.no_local && Some(ix) == from {
+            if (o.no_local && Some(ix) == from) || !self.may_read(ix, &msg.topic) {
                 continue;
             }
             let qos = o.qos.min(msg.qos as u8);
@@ -849,7 +1192,21 @@ impl Broker {
         self.matches = m;
     }
 
-    fn publish_will(&mut self, msg: Message, now: Instant) {
+    /// Whether client `ix` may receive `topic` (asked only of clients with a subscription
+    /// the authorizer wants checked per delivery).
+    fn may_read(&self, ix: ClientIx, topic: &str) -> bool {
+        match self.clients.get(ix) {
+            Some(c) if c.filtered => self.auth.read(&c.identity, topic),
+            _ => true,
+        }
+    }
+
+    fn publish_will(&mut self, mut msg: Message, now: Instant) {
+        // Its message expiry interval runs from when it is published.
+        msg.expires = msg
+            .props
+            .expiry
+            .map(|s| now + Duration::from_secs(s as u64));
         let msg = Arc::new(msg);
         if msg.retain {
             self.set_retained(msg.clone());
@@ -857,17 +1214,38 @@ impl Broker {
         self.route(msg, None, now);
     }
 
+    /// Set, replace or (empty payload) clear the retained message of a topic. Retained
+    /// messages count against the global memory cap with the queues: past it, a new one is
+    /// not kept (it is still delivered), counted and logged.
     fn set_retained(&mut self, msg: Arc<Message>) {
         if msg.payload.is_empty() {
-            if self.retained.remove(&msg.topic).is_some() {
+            if let Some(old) = self.retained.remove(&msg.topic) {
+                self.retained_bytes -= old.cost();
                 self.ops.push(StoreOp::Retain(msg.topic.clone(), None));
             }
-        } else {
-            self.retained.insert(msg.topic.clone(), msg.clone());
-            if msg.qos != QoS::Level0 || self.cfg.durable {
-                self.ops
-                    .push(StoreOp::Retain(msg.topic.clone(), Some((*msg).clone())));
+            return;
+        }
+        let cost = msg.cost();
+        let old = self.retained.get(&msg.topic).map_or(0, |m| m.cost());
+        let used = self.total_queued + self.retained_bytes - old;
+        if used + cost > self.cfg.max_total_bytes {
+            self.retained_refused += 1;
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            if self.retained_refused.is_power_of_two() {
+                tracing::warn!(
+                    topic = %msg.topic, refused = self.retained_refused,
+                    "memory cap reached: a retained message is not kept (count so far)"
+                );
             }
+            return;
+        }
+        self.retained_bytes = self.retained_bytes - old + cost;
+        self.retained.insert(&msg.topic, msg.clone());
+        // `$SYS` is the broker's own, made anew after a restart: not stored.
+        let own = msg.topic.starts_with("$SYS/");
+        if !own && (msg.qos != QoS::Level0 || self.cfg.durable) {
+            self.ops
+                .push(StoreOp::Retain(msg.topic.clone(), Some((*msg).clone())));
         }
     }
 
@@ -885,7 +1263,11 @@ impl Broker {
                     return;
                 }
                 let cl = self.clients.get_mut(ix).expect("present");
-                if let Some(f) = cl.inflight.iter_mut().find(|f| f.pid == r.pid.value()) {
+                let flight = cl
+                    .flow
+                    .as_deref_mut()
+                    .and_then(|fl| fl.inflight.iter_mut().find(|f| f.pid == r.pid.value()));
+                if let Some(f) = flight {
                     f.state = Flight::Released;
                     if f.p.seq != 0 {
                         self.ops
@@ -900,7 +1282,10 @@ impl Broker {
             v5::Packet::Pubcomp(c) => self.on_done(ix, c.pid.value(), false, now),
             v5::Packet::Pubrel(r) => {
                 let cl = self.clients.get_mut(ix).expect("present");
-                let known = cl.rx_qos2.remove(&r.pid.value());
+                let known = cl
+                    .flow
+                    .as_deref_mut()
+                    .is_some_and(|f| f.rx_qos2.remove(&r.pid.value()));
                 let persistent = cl.persistent();
                 let id = cl.id.clone();
                 if known && persistent {
@@ -918,7 +1303,7 @@ impl Broker {
                 let cl = self.clients.get_mut(ix).expect("present");
                 let mut codes = Vec::new();
                 for f in &u.topics {
-                    let had = cl.subs.remove(&**f).is_some();
+                    let had = cl.subs.remove(f).is_some();
                     if had {
                         if let Some(pf) = parse_filter(f) {
                             self.trie.remove(&pf, ix);
@@ -931,7 +1316,7 @@ impl Broker {
                     });
                 }
                 if cl.persistent() {
-                    self.ops.push(StoreOp::Session(cl.record()));
+                    self.ops.push(StoreOp::Session(cl.record(None)));
                 }
                 self.send(
                     conn,
@@ -947,7 +1332,7 @@ impl Broker {
                         return;
                     }
                     cl.expiry = e;
-                    let rec = cl.record();
+                    let rec = cl.record(None);
                     self.ops.push(StoreOp::Session(rec));
                 }
                 let abnormal = d.reason_code == Drc::DisconnectWithWillMessage;
@@ -961,12 +1346,18 @@ impl Broker {
     fn on_publish(&mut self, conn: ConnId, ix: ClientIx, p: v5::Publish, now: Instant) {
         self.stats.msgs_in.fetch_add(1, Ordering::Relaxed);
         let cl = self.clients.get_mut(ix).expect("present");
-        let allowed = self.auth.publish(&cl.identity, &p.topic_name);
+        // Calls, replies and driver requests under $bus/ are checked by the D-Bus half
+        // itself (the Authorizer's `call` and `own`; a reply only from the connection the
+        // call was routed to); signals are publications and need a write rule for their topic.
+        let dbus_checked =
+            p.topic_name.starts_with(dbus::PREFIX) && !p.topic_name.starts_with(dbus::SIGNAL_TOPIC);
+        let allowed = dbus_checked || self.auth.publish(&cl.identity, &p.topic_name);
         let pid = p.qos_pid.pid();
         let v5c = cl.version.is_v5();
-        if p.qos_pid.qos() == QoS::Level2 {
+        if p.qos_pid.qos() == QoS::Level2 && (allowed || !v5c) {
+            // (A 5.0 refusal ends the flow with PUBREC 0x87: the identifier is not kept.)
             let pid = pid.expect("QoS 2 has a pid");
-            if !cl.rx_qos2.insert(pid.value()) {
+            if !cl.flow().rx_qos2.insert(pid.value()) {
                 // A resend of one we already have: acknowledge again, do not route again.
                 self.ack(conn, v5::Packet::Pubrec(v5::Pubrec::new_success(pid)));
                 return;
@@ -979,10 +1370,20 @@ impl Broker {
         if !allowed {
             tracing::info!(client = %cl.id, topic = %&*p.topic_name, "publish denied");
         }
-        if allowed {
+        if allowed && p.topic_name.starts_with(dbus::PREFIX) {
+            // The D-Bus half: calls, replies, signals; never routed through the trie.
+            let msg = Message::from_publish(&p, Arc::from(&*p.topic_name), now);
+            let who = self.clients.get_mut(ix).expect("present").identity.clone();
+            self.dbus.publish(conn, &who, &msg, now);
+            self.flush_bus(now);
+        } else if allowed {
             let msg = Arc::new(Message::from_publish(&p, Arc::from(&*p.topic_name), now));
             if msg.retain {
                 self.set_retained(msg.clone());
+            }
+            if self.dbus.has_monitors() {
+                self.dbus.observe(Some(conn), &msg);
+                self.flush_bus(now);
             }
             self.route(msg, Some(ix), now);
         }
@@ -1010,15 +1411,18 @@ impl Broker {
     /// The client acknowledged (PUBACK, PUBCOMP, or a PUBREC with an error) packet `pid`.
     fn on_done(&mut self, ix: ClientIx, pid: u16, puback: bool, now: Instant) {
         let cl = self.clients.get_mut(ix).expect("present");
-        let Some(pos) = cl.inflight.iter().position(|f| f.pid == pid) else {
+        let Some(flow) = cl.flow.as_deref_mut() else {
             return;
         };
-        if puback && cl.inflight[pos].p.qos != 1 {
+        let Some(pos) = flow.inflight.iter().position(|f| f.pid == pid) else {
+            return;
+        };
+        if puback && flow.inflight[pos].p.qos != 1 {
             return;
         }
-        let f = cl.inflight.remove(pos).expect("found");
+        let f = flow.inflight.remove(pos).expect("found");
         let cost = f.p.msg.cost();
-        cl.queued_bytes -= cost;
+        flow.queued_bytes -= cost;
         self.total_queued -= cost;
         if f.p.seq != 0 {
             self.ops.push(StoreOp::Unqueue(cl.id.clone(), f.p.seq));
@@ -1037,10 +1441,19 @@ impl Broker {
                 codes.push(v5::SubscribeReasonCode::TopicFilterInvalid);
                 continue;
             };
-            if !self.auth.subscribe(&cl.identity, text) {
+            if !self.auth.subscribe(&cl.identity, pf.filter) {
+                tracing::info!(client = %cl.id, filter = text, "subscription denied");
                 codes.push(v5::SubscribeReasonCode::NotAuthorized);
                 continue;
             }
+            if pf.filter.starts_with(dbus::PREFIX) {
+                // $bus/ messages go to a name's owner or match rules, never to subscribers.
+                tracing::info!(client = %cl.id, filter = text, "subscription to $bus/ refused: use AddMatch");
+                codes.push(v5::SubscribeReasonCode::TopicFilterInvalid);
+                continue;
+            }
+            let checked = self.auth.subscribe_filtered(&cl.identity, pf.filter);
+            cl.filtered |= checked;
             if pf.group.is_some() && o.no_local {
                 codes.push(v5::SubscribeReasonCode::TopicFilterInvalid);
                 continue;
@@ -1052,7 +1465,13 @@ impl Broker {
                 retain_handling: o.retain_handling as u8,
                 id: sub_id,
             };
-            let existed = cl.subs.insert(Arc::from(text), opts).is_some();
+            let existed = cl.subs.contains(text);
+            if !existed && cl.subs.len() >= self.cfg.max_subscriptions {
+                tracing::info!(client = %cl.id, max = self.cfg.max_subscriptions, "subscription refused: too many");
+                codes.push(v5::SubscribeReasonCode::QuotaExceeded);
+                continue;
+            }
+            cl.subs.insert(Arc::from(text), opts);
             self.trie.insert(&pf, ix, opts);
             codes.push(match o.max_qos {
                 QoS::Level0 => v5::SubscribeReasonCode::GrantedQoS0,
@@ -1068,15 +1487,17 @@ impl Broker {
                     _ => false,
                 };
             if send {
-                for m in self.retained.values() {
-                    if super::topic::matches(pf.filter, &m.topic) && !m.expired(now) {
+                let mut found = Vec::new();
+                self.retained.matching(pf.filter, &mut found);
+                for m in found {
+                    if !m.expired(now) && (!checked || self.auth.read(&cl.identity, &m.topic)) {
                         retained_out.push((m.clone(), opts));
                     }
                 }
             }
         }
         if cl.persistent() {
-            self.ops.push(StoreOp::Session(cl.record()));
+            self.ops.push(StoreOp::Session(cl.record(None)));
         }
         self.send(conn, pkt(v5::Packet::Suback(v5::Suback::new(s.pid, codes))));
         for (m, o) in retained_out {
@@ -1092,6 +1513,9 @@ impl Broker {
         let Some(ix) = self.conns.remove(&conn) else {
             return;
         };
+        // Calls it was to answer fail at once (NoReply); its names pass on.
+        self.dbus.disconnected(conn);
+        self.flush_bus(now);
         let Some(cl) = self.clients.get_mut(ix) else {
             return;
         };
@@ -1102,11 +1526,12 @@ impl Broker {
         // QoS 0 deliveries in flight die with the connection; QoS 1/2 stay for resumption.
         let will = cl.will.take();
         let expiry = cl.expiry;
-        if let Some(w) = will.filter(|_| abnormal) {
+        if let Some(mut w) = will.filter(|_| abnormal) {
             if w.delay > 0 && expiry > 0 {
-                let delay = w.delay.min(expiry);
-                cl.will_at = Some(now + Duration::from_secs(delay as u64));
+                let at = now + Duration::from_secs(w.delay.min(expiry) as u64);
+                w.at = Some(at);
                 cl.will = Some(w);
+                self.timers.insert(at, (ix, Due::Will));
             } else {
                 self.publish_will(w.msg, now);
             }
@@ -1116,50 +1541,103 @@ impl Broker {
         };
         if cl.expiry == 0 && cl.will.is_none() {
             self.discard(ix);
-        } else if cl.expiry != u32::MAX {
-            cl.expires_at = Some(now + Duration::from_secs(cl.expiry as u64));
+            return;
+        }
+        if cl.expiry != u32::MAX {
+            let at = now + Duration::from_secs(cl.expiry as u64);
+            cl.expires_at = Some(at);
+            self.timers.insert(at, (ix, Due::Expiry));
+        }
+        if cl.persistent() {
+            // Its expiry and a pending will count from now, also after a restart.
+            self.ops.push(StoreOp::Session(cl.record(Some(now))));
         }
     }
 
-    /// Time-driven work: delayed wills, expired sessions, `$SYS`. Returns when to call again.
-    pub fn tick(&mut self, now: Instant) -> Instant {
-        let mut wills = Vec::new();
-        let mut expired = Vec::new();
-        for (ix, c) in self.clients.iter() {
-            if c.conn.is_none() {
-                if c.will_at.is_some_and(|t| t <= now) {
-                    wills.push(ix);
-                }
-                if c.expires_at.is_some_and(|t| t <= now) {
-                    expired.push(ix);
-                }
-            }
-        }
-        for ix in wills {
-            let c = self.clients.get_mut(ix).expect("present");
-            c.will_at = None;
-            if let Some(w) = c.will.take() {
-                self.publish_will(w.msg, now);
-            }
-            let c = self.clients.get_mut(ix).expect("present");
-            if c.expiry == 0 {
-                self.discard(ix);
-            }
-        }
-        for ix in expired {
-            if let Some(c) = self.clients.get_mut(ix) {
+    /// The server is stopping without the clients having said DISCONNECT: every connection
+    /// ends as a lost one -- its will is published, or, if delayed, kept with a durable
+    /// session to go out after the restart. Without durability the sessions end with the
+    /// process, so every pending will goes out now.
+    pub fn shutdown(&mut self, now: Instant) {
+        let conns: Vec<ConnId> = self.conns.keys().copied().collect();
+        // Wills first, while every subscriber is still connected to receive them.
+        for conn in &conns {
+            let Some(c) = self
+                .conns
+                .get(conn)
+                .and_then(|&ix| self.clients.get_mut(ix))
+            else {
+                continue;
+            };
+            let delayed = c.will.as_ref().is_some_and(|w| w.delay > 0);
+            if !(self.cfg.durable && c.persistent() && delayed) {
                 if let Some(w) = c.will.take() {
                     self.publish_will(w.msg, now);
                 }
             }
-            tracing::debug!("session expired");
-            self.discard(ix);
+        }
+        for conn in conns {
+            self.closed(conn, true, now);
+        }
+        if self.cfg.durable {
+            return;
+        }
+        let pending: Vec<ClientIx> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| c.will.is_some())
+            .map(|(ix, _)| ix)
+            .collect();
+        for ix in pending {
+            let Some(w) = self.clients.get_mut(ix).and_then(|c| c.will.take()) else {
+                continue;
+            };
+            if let Some(at) = w.at {
+                self.timers.remove(at, (ix, Due::Will));
+            }
+            self.publish_will(w.msg, now);
+        }
+    }
+
+    /// Time-driven work: delayed wills, expired sessions, `$SYS`. Returns when to call again.
+    /// Only what is due is looked at (the deadlines are kept in order), not every session.
+    pub fn tick(&mut self, now: Instant) -> Instant {
+        while let Some((at, (ix, due))) = self.timers.pop_due(now) {
+            let Some(c) = self.clients.get_mut(ix) else {
+                continue;
+            };
+            if c.conn.is_some() {
+                continue;
+            }
+            match due {
+                Due::Will => {
+                    if c.will.as_ref().and_then(|w| w.at) == Some(at) {
+                        let w = c.will.take().expect("checked");
+                        self.publish_will(w.msg, now);
+                    }
+                }
+                Due::Expiry => {
+                    if c.expires_at == Some(at) {
+                        if let Some(w) = c.will.take() {
+                            if let Some(wat) = w.at {
+                                self.timers.remove(wat, (ix, Due::Will));
+                            }
+                            self.publish_will(w.msg, now);
+                        }
+                        tracing::debug!("session expired");
+                        self.discard(ix);
+                    }
+                }
+            }
         }
         if now >= self.next_sys {
             self.publish_sys(now);
             self.next_sys = now + self.cfg.sys_interval;
         }
-        self.next_sys.min(now + Duration::from_secs(1))
+        self.expire_calls(now);
+        let next = self.timers.timeout(now).map_or(self.next_sys, |t| now + t);
+        let next = next.min(self.next_sys).min(now + Duration::from_secs(1));
+        self.dbus.next_deadline().map_or(next, |d| d.min(next))
     }
 
     fn publish_sys(&mut self, now: Instant) {
@@ -1206,11 +1684,7 @@ impl Broker {
             ),
             (
                 "$SYS/broker/retained messages/count",
-                self.retained
-                    .iter()
-                    .filter(|(t, _)| !t.starts_with('$'))
-                    .count()
-                    .to_string(),
+                self.retained.len_without_dollar().to_string(),
             ),
         ];
         for (topic, value) in items {
@@ -1222,7 +1696,7 @@ impl Broker {
                 props: Default::default(),
                 expires: None,
             });
-            self.retained.insert(msg.topic.clone(), msg.clone());
+            self.set_retained(msg.clone());
             self.route(msg, None, now);
         }
     }
@@ -1231,7 +1705,10 @@ impl Broker {
     pub fn queue_len(&self, client: &str) -> Option<(usize, usize)> {
         let ix = *self.by_id.get(client)?;
         let c = self.clients.iter().find(|(i, _)| *i == ix)?.1;
-        Some((c.inflight.len(), c.queue.len()))
+        Some((
+            c.inflight_len(),
+            c.flow.as_ref().map_or(0, |f| f.queue.len()),
+        ))
     }
 
     /// The filter text, validated as a topic filter (for tests and clients).
@@ -1534,5 +2011,434 @@ mod tests {
         // A late packet or close from the old connection changes nothing.
         b.closed(1, true, Instant::now());
         assert_eq!(b.sessions(), 1);
+    }
+
+    #[test]
+    fn sessions_expire_when_due_and_resuming_cancels_it() {
+        let mut b = broker();
+        let t0 = Instant::now();
+        let mut c = v5::Connect::new("e".into(), 60);
+        c.properties.session_expiry_interval = Some(10);
+        b.connect(1, Version::V5, c.clone(), Identity::default(), t0);
+        b.closed(1, true, t0);
+        b.tick(t0 + Duration::from_secs(5));
+        assert_eq!(b.sessions(), 1);
+        // Resumed at 6 s and closed again at 8 s: it now expires at 18 s, not 10 s.
+        c.clean_start = false;
+        b.connect(
+            2,
+            Version::V5,
+            c,
+            Identity::default(),
+            t0 + Duration::from_secs(6),
+        );
+        b.closed(2, true, t0 + Duration::from_secs(8));
+        b.tick(t0 + Duration::from_secs(11));
+        assert_eq!(b.sessions(), 1, "the first deadline was cancelled");
+        let next = b.tick(t0 + Duration::from_secs(17));
+        assert!(next <= t0 + Duration::from_secs(18));
+        b.tick(t0 + Duration::from_secs(18));
+        assert_eq!(b.sessions(), 0);
+    }
+
+    #[test]
+    fn subscriptions_past_the_cap_are_refused_with_quota_exceeded() {
+        let mut b = Broker::new(
+            BrokerConfig {
+                max_subscriptions: 2,
+                ..Default::default()
+            },
+            Arc::new(AllowAll),
+            Instant::now(),
+        );
+        connect(&mut b, 1, "s", Version::V5, true, None);
+        for f in ["a", "b", "a", "c"] {
+            subscribe(&mut b, 1, f, QoS::Level0);
+        }
+        let codes: Vec<_> = b
+            .out
+            .iter()
+            .filter_map(|(_, o)| match o {
+                Out::Packet(p) => match &**p {
+                    v5::Packet::Suback(s) => Some(s.topics[0]),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect();
+        use v5::SubscribeReasonCode as R;
+        assert_eq!(
+            codes,
+            [
+                R::GrantedQoS0,
+                R::GrantedQoS0,
+                R::GrantedQoS0,
+                R::QuotaExceeded
+            ],
+            "replacing an existing one is fine, a third is not"
+        );
+        assert_eq!(b.subscriptions(), 2);
+    }
+
+    fn will_connect(b: &mut Broker, conn: ConnId, id: &str, delay: u32, expiry: u32, now: Instant) {
+        let mut c = v5::Connect::new(id.into(), 60);
+        c.properties.session_expiry_interval = Some(expiry);
+        let mut w = v5::LastWill::new(
+            QoS::Level1,
+            TopicName::try_from("will").unwrap(),
+            Bytes::copy_from_slice(id.as_bytes()),
+        );
+        w.properties.delay_interval = Some(delay);
+        w.properties.message_expiry_interval = Some(30);
+        c.last_will = Some(w);
+        b.connect(conn, Version::V5, c, Identity::default(), now);
+    }
+
+    #[test]
+    fn shutdown_sends_wills_and_a_durable_broker_keeps_delayed_ones() {
+        let t0 = Instant::now();
+        for durable in [false, true] {
+            let mut b = Broker::new(
+                BrokerConfig {
+                    durable,
+                    ..Default::default()
+                },
+                Arc::new(AllowAll),
+                t0,
+            );
+            connect(&mut b, 1, "s", Version::V5, true, None);
+            subscribe(&mut b, 1, "will", QoS::Level1);
+            will_connect(&mut b, 2, "now", 0, 100, t0);
+            will_connect(&mut b, 3, "later", 60, 100, t0);
+            b.out.clear();
+            b.ops.clear();
+            let t1 = t0 + Duration::from_secs(1);
+            b.shutdown(t1);
+            let sent = publishes(&mut b, 1);
+            assert!(
+                sent.iter().all(|d| d.msg.expiry_left(t1) == Some(30)),
+                "a will's message expiry runs from when it is published"
+            );
+            let mut got: Vec<String> = sent
+                .iter()
+                .map(|d| String::from_utf8_lossy(&d.msg.payload).into_owned())
+                .collect();
+            got.sort();
+            if durable {
+                assert_eq!(got, ["now"], "the delayed will waits for its delay");
+                let kept = b.ops.iter().any(|op| {
+                    matches!(op, StoreOp::Session(r)
+                        if &*r.client == "later" && r.will.is_some() && r.offline_since.is_some())
+                });
+                assert!(
+                    kept,
+                    "the pending will and the time it went offline are stored"
+                );
+            } else {
+                assert_eq!(
+                    got,
+                    ["later", "now"],
+                    "the sessions end: every will goes out"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn restored_sessions_count_expiry_and_will_delay_from_when_they_went_offline() {
+        let t0 = Instant::now();
+        let msg = |p: &'static [u8]| Message {
+            topic: "will".into(),
+            payload: Bytes::from_static(p),
+            qos: QoS::Level0,
+            retain: false,
+            props: Default::default(),
+            expires: None,
+        };
+        let record = |id: &str, since: Option<Instant>, will: Option<(Message, u32)>| Record {
+            client: id.into(),
+            expiry: 100,
+            v5: true,
+            subs: Vec::new(),
+            offline_since: since,
+            will,
+        };
+        let mut b = broker();
+        b.restore(
+            vec![
+                // Offline for 90 s: 10 s left; its will (delay 60) is already due.
+                record(
+                    "old",
+                    Some(t0 - Duration::from_secs(90)),
+                    Some((msg(b"old"), 60)),
+                ),
+                // Connected when the server died: its will (delay 0) goes out now.
+                record("crashed", None, Some((msg(b"crashed"), 0))),
+                // Offline for 10 s, will delay 60: 50 s to go.
+                record(
+                    "waiting",
+                    Some(t0 - Duration::from_secs(10)),
+                    Some((msg(b"waiting"), 60)),
+                ),
+            ],
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            t0,
+        );
+        connect(&mut b, 1, "s", Version::V5, true, None);
+        subscribe(&mut b, 1, "will", QoS::Level0);
+        b.out.clear();
+        b.tick(t0);
+        let mut got: Vec<String> = publishes(&mut b, 1)
+            .iter()
+            .map(|d| String::from_utf8_lossy(&d.msg.payload).into_owned())
+            .collect();
+        got.sort();
+        assert_eq!(got, ["crashed", "old"]);
+        assert_eq!(b.sessions(), 4);
+        b.tick(t0 + Duration::from_secs(11));
+        assert_eq!(b.sessions(), 3, "'old' expired 100 s after it went offline");
+        b.tick(t0 + Duration::from_secs(51));
+        assert!(publishes(&mut b, 1)
+            .iter()
+            .any(|d| &d.msg.payload[..] == b"waiting"));
+    }
+    #[test]
+    fn the_global_cap_covers_retained_messages_and_sessions_are_capped() {
+        let mut b = Broker::new(
+            BrokerConfig {
+                max_total_bytes: 300,
+                max_sessions: 2,
+                ..Default::default()
+            },
+            Arc::new(AllowAll),
+            Instant::now(),
+        );
+        connect(&mut b, 1, "p", Version::V5, true, None);
+        // Each costs 64 + topic + payload bytes: 66 here, so four fit in 300.
+        for t in ["a", "b", "c", "d", "e", "f"] {
+            publish(&mut b, 1, t, b"x", QoS::Level0, 0, true);
+        }
+        assert_eq!(b.retained_count(), 4);
+        assert_eq!(b.stats.dropped.load(Ordering::Relaxed), 2);
+        // Replacing one does not need more room; clearing one makes room.
+        publish(&mut b, 1, "a", b"y", QoS::Level0, 0, true);
+        publish(&mut b, 1, "b", b"", QoS::Level0, 0, true);
+        publish(&mut b, 1, "e", b"x", QoS::Level0, 0, true);
+        assert_eq!(b.retained_count(), 4);
+        connect(&mut b, 2, "q", Version::V5, true, None);
+        b.out.clear();
+        connect(&mut b, 3, "r", Version::V5, true, None);
+        let refused = b.out.iter().any(|(c, o)| {
+            *c == 3
+                && matches!(o, Out::Packet(p) if matches!(&**p,
+                    v5::Packet::Connack(a) if a.reason_code == Crc::QuotaExceeded))
+        });
+        assert!(refused, "a third session is refused");
+        assert_eq!(b.sessions(), 2);
+    }
+
+    /// A broker whose authorizer is the policy of this ACL file (anonymous allowed).
+    fn acl_broker(acl: &str) -> Broker {
+        let acl = super::super::auth::acl::Acl::parse(acl).unwrap();
+        let policy = super::super::auth::Policy::new(None, Some(acl), true);
+        Broker::new(BrokerConfig::default(), Arc::new(policy), Instant::now())
+    }
+
+    fn connect_as(b: &mut Broker, conn: ConnId, id: &str, user: Option<&str>, version: Version) {
+        let c = v5::Connect::new(id.into(), 60);
+        let who = Identity {
+            username: user.map(Into::into),
+            ..Default::default()
+        };
+        b.connect(conn, version, c, who, Instant::now());
+    }
+
+    fn suback(b: &mut Broker, conn: ConnId) -> Vec<v5::SubscribeReasonCode> {
+        b.out
+            .iter()
+            .find_map(|(c, o)| match o {
+                Out::Packet(p) if *c == conn => match &**p {
+                    v5::Packet::Suback(s) => Some(s.topics.clone()),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .expect("a SUBACK")
+    }
+
+    const ACL: &str = "user alice\ntopic readwrite a/#\ntopic deny a/secret\n\
+                       user bob\ntopic read a/open\ntopic write b/#\n";
+
+    #[test]
+    fn denied_subscription_gets_0x87_and_others_are_granted() {
+        let mut b = acl_broker(ACL);
+        connect_as(&mut b, 1, "c1", Some("bob"), Version::V5);
+        b.out.clear();
+        let s = v5::Subscribe::new(
+            Pid::try_from(1).unwrap(),
+            ["a/open", "a/#", "$share/g/a/open"]
+                .iter()
+                .map(|f| {
+                    (
+                        TopicFilter::try_from(*f).unwrap(),
+                        v5::SubscriptionOptions::new(QoS::Level1),
+                    )
+                })
+                .collect(),
+        );
+        b.packet(1, v5::Packet::Subscribe(s), Instant::now());
+        use v5::SubscribeReasonCode as R;
+        assert_eq!(
+            suback(&mut b, 1),
+            [R::GrantedQoS1, R::NotAuthorized, R::GrantedQoS1]
+        );
+        assert_eq!(b.subscriptions(), 2);
+    }
+
+    #[test]
+    fn a_denied_retained_publish_is_not_kept() {
+        let mut b = acl_broker(ACL);
+        connect_as(&mut b, 2, "pub", Some("alice"), Version::V5);
+        publish(
+            &mut b,
+            2,
+            "a/secret",
+            b"retained secret",
+            QoS::Level0,
+            0,
+            true,
+        );
+        publish(&mut b, 2, "a/x", b"retained x", QoS::Level0, 0, true);
+        assert_eq!(b.retained_count(), 1, "alice may write a/x, not a/secret");
+    }
+
+    #[test]
+    fn retained_and_live_messages_never_reach_who_may_not_read_them() {
+        // The writer may write everything; the reader reads a/# but not a/secret.
+        let mut b =
+            acl_broker("user w\ntopic write #\nuser r\ntopic read a/#\ntopic deny a/secret\n");
+        connect_as(&mut b, 2, "pub", Some("w"), Version::V5);
+        publish(&mut b, 2, "a/secret", b"s", QoS::Level0, 0, true);
+        publish(&mut b, 2, "a/x", b"x", QoS::Level0, 0, true);
+        assert_eq!(b.retained_count(), 2);
+        connect_as(&mut b, 1, "sub", Some("r"), Version::V311);
+        b.out.clear();
+        subscribe(&mut b, 1, "a/#", QoS::Level0);
+        let got: Vec<String> = publishes(&mut b, 1)
+            .iter()
+            .map(|d| d.msg.topic.to_string())
+            .collect();
+        assert_eq!(got, ["a/x"], "retained");
+        publish(&mut b, 2, "a/secret", b"s2", QoS::Level0, 0, false);
+        publish(&mut b, 2, "a/y", b"y", QoS::Level0, 0, false);
+        let got: Vec<String> = publishes(&mut b, 1)
+            .iter()
+            .map(|d| d.msg.topic.to_string())
+            .collect();
+        assert_eq!(got, ["a/y"], "live");
+        // $SYS is not granted by a/# and not by a rule for #.
+        b.tick(Instant::now() + Duration::from_secs(60));
+        assert!(publishes(&mut b, 1).is_empty());
+    }
+
+    #[test]
+    fn denied_publish_is_dropped_in_311_and_refused_with_0x87_in_5() {
+        let mut b = acl_broker(ACL);
+        connect_as(&mut b, 1, "s", Some("alice"), Version::V5);
+        subscribe(&mut b, 1, "a/#", QoS::Level1);
+        for (conn, v) in [(2, Version::V311), (3, Version::V5)] {
+            connect_as(&mut b, conn, &format!("p{conn}"), Some("bob"), v);
+            b.out.clear();
+            publish(&mut b, conn, "a/open", b"x", QoS::Level1, 7, false);
+            publish(&mut b, conn, "a/open", b"x", QoS::Level2, 8, false);
+            let codes: Vec<u8> = b
+                .out
+                .iter()
+                .filter_map(|(c, o)| match o {
+                    Out::Packet(p) if *c == conn => match &**p {
+                        v5::Packet::Puback(a) => Some(a.reason_code as u8),
+                        v5::Packet::Pubrec(r) => Some(r.reason_code as u8),
+                        _ => None,
+                    },
+                    _ => None,
+                })
+                .collect();
+            let want: &[u8] = if v.is_v5() { &[0x87, 0x87] } else { &[0, 0] };
+            assert_eq!(codes, want, "{v:?}");
+            assert!(publishes(&mut b, 1).is_empty(), "nothing routed");
+        }
+        // A 5.0 refusal does not keep the QoS 2 identifier: its reuse is a new message.
+        b.set_authorizer(
+            Arc::new(super::super::auth::Policy::new(None, None, true)),
+            Instant::now(),
+        );
+        publish(&mut b, 3, "a/open", b"now", QoS::Level2, 8, false);
+        assert_eq!(publishes(&mut b, 1).len(), 1);
+    }
+
+    #[test]
+    fn will_on_a_forbidden_topic_refuses_the_connection() {
+        let mut b = acl_broker(ACL);
+        let mut c = v5::Connect::new("w".into(), 60);
+        c.last_will = Some(v5::LastWill::new(
+            QoS::Level0,
+            TopicName::try_from("a/secret").unwrap(),
+            Bytes::from_static(b"bye"),
+        ));
+        let who = Identity {
+            username: Some("alice".into()),
+            ..Default::default()
+        };
+        b.connect(1, Version::V5, c, who, Instant::now());
+        let code = b.out.iter().find_map(|(_, o)| match o {
+            Out::Packet(p) => match &**p {
+                v5::Packet::Connack(c) => Some(c.reason_code),
+                _ => None,
+            },
+            _ => None,
+        });
+        assert_eq!(code, Some(Crc::NotAuthorized));
+        assert_eq!(b.sessions(), 0);
+    }
+
+    #[test]
+    fn new_rules_withdraw_subscriptions_of_live_and_resumed_sessions() {
+        let mut b = acl_broker("user r\ntopic read a/#\ntopic read b/#\nuser w\ntopic write #\n");
+        connect_as(&mut b, 1, "sub", Some("r"), Version::V5);
+        subscribe(&mut b, 1, "a/#", QoS::Level0);
+        subscribe(&mut b, 1, "b/#", QoS::Level0);
+        connect_as(&mut b, 2, "pub", Some("w"), Version::V5);
+        assert_eq!(b.subscriptions(), 2);
+        let acl =
+            super::super::auth::acl::Acl::parse("user r\ntopic read a/#\nuser w\ntopic write #\n")
+                .unwrap();
+        b.set_authorizer(
+            Arc::new(super::super::auth::Policy::new(None, Some(acl), true)),
+            Instant::now(),
+        );
+        assert_eq!(b.subscriptions(), 1, "b/# withdrawn");
+        b.out.clear();
+        publish(&mut b, 2, "b/1", b"x", QoS::Level0, 0, false);
+        publish(&mut b, 2, "a/1", b"x", QoS::Level0, 0, false);
+        assert_eq!(publishes(&mut b, 1).len(), 1);
+        // A persistent session resumed by another user keeps only what that user may have.
+        let mut c = v5::Connect::new("keep".into(), 60);
+        c.clean_start = false;
+        c.properties.session_expiry_interval = Some(600);
+        let r = Identity {
+            username: Some("r".into()),
+            ..Default::default()
+        };
+        b.connect(3, Version::V5, c.clone(), r, Instant::now());
+        subscribe(&mut b, 3, "a/#", QoS::Level1);
+        b.closed(3, false, Instant::now());
+        let w = Identity {
+            username: Some("w".into()),
+            ..Default::default()
+        };
+        b.connect(4, Version::V5, c, w, Instant::now());
+        assert_eq!(b.subscriptions(), 1, "only the live sub's a/# is left");
     }
 }

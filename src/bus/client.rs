@@ -4,6 +4,7 @@
 //! The broker is found with `--bus ADDR` (HOST:PORT, or a path for a Unix socket), else
 //! `$SOCKLAB_BUS`, else 127.0.0.1:1883 -- as D-Bus clients use `DBUS_SESSION_BUS_ADDRESS`.
 
+use super::auth::tls::{self, Stream, TlsConn};
 use super::codec::{self, Version};
 use crate::client::UsageError;
 use crate::net::Endpoint;
@@ -11,6 +12,8 @@ use bytes::Bytes;
 use mqtt_proto::{v3, v5, Pid, QoS, QosPid, TopicFilter, TopicName};
 use socket2::Socket;
 use std::io::{self, BufRead, Read, Write};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Where the bus is: `--bus`, else `$SOCKLAB_BUS`, else 127.0.0.1:1883.
@@ -49,6 +52,12 @@ pub struct ConnectOptions {
     pub keep_alive: u16,
     /// 5.0 session expiry interval.
     pub session_expiry: Option<u32>,
+    /// User name.
+    pub username: Option<String>,
+    /// Password.
+    pub password: Option<Bytes>,
+    /// TLS, with this configuration.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Default for ConnectOptions {
@@ -59,6 +68,9 @@ impl Default for ConnectOptions {
             clean: true,
             keep_alive: 60,
             session_expiry: None,
+            username: None,
+            password: None,
+            tls: None,
         }
     }
 }
@@ -66,12 +78,16 @@ impl Default for ConnectOptions {
 /// A blocking MQTT connection.
 #[derive(Debug)]
 pub struct Client {
-    sock: Socket,
+    stream: Stream,
+    /// Serializes writes with the [`Writer`]s of other threads.
+    wlock: Arc<Mutex<()>>,
     version: Version,
     buf: Vec<u8>,
     next_pid: u16,
     /// Packets received while waiting for something else (publications, mostly).
     pending: std::collections::VecDeque<v5::Packet>,
+    /// What each read lands in (allocated once).
+    rbuf: Box<[u8]>,
 }
 
 fn proto_err(e: impl std::fmt::Display) -> io::Error {
@@ -88,21 +104,37 @@ impl Client {
         o: &ConnectOptions,
     ) -> anyhow::Result<(Client, v5::Connack)> {
         let sock = crate::net::connect(endpoint)?;
+        let stream = match &o.tls {
+            Some(cfg) => {
+                let host = match endpoint {
+                    Endpoint::Inet(a) => a.rsplit_once(':').map_or(a.as_str(), |(h, _)| h),
+                    Endpoint::Unix(_) => "localhost",
+                };
+                Stream::tls(sock, cfg.clone(), host)?
+            }
+            None => Stream::Plain(sock),
+        };
         let mut c = Client {
-            sock,
+            stream,
+            wlock: Arc::new(Mutex::new(())),
             version: o.version,
             buf: Vec::new(),
             next_pid: 0,
             pending: Default::default(),
+            rbuf: vec![0; 65536].into_boxed_slice(),
         };
         let mut connect = v5::Connect::new(o.client_id.as_str().into(), o.keep_alive);
         connect.clean_start = o.clean;
         connect.properties.session_expiry_interval = o.session_expiry;
+        connect.username = o.username.as_deref().map(Into::into);
+        connect.password = o.password.clone();
         let bytes = match o.version {
             Version::V5 => v5::Packet::Connect(connect).encode().map_err(proto_err)?,
             Version::V311 | Version::V31 => {
                 let mut c3 = v3::Connect::new(o.client_id.as_str().into(), o.keep_alive);
                 c3.clean_session = o.clean;
+                c3.username = o.username.as_deref().map(Into::into);
+                c3.password = o.password.clone();
                 if o.version == Version::V31 {
                     c3.protocol = mqtt_proto::Protocol::V310;
                 }
@@ -123,11 +155,40 @@ impl Client {
 
     /// The socket (for timeouts).
     pub fn socket(&self) -> &Socket {
-        &self.sock
+        self.stream.socket()
+    }
+
+    /// Hand the connection over to another driver (the load generator's event loops): the
+    /// socket, the bytes received but not yet decoded, and the packets decoded while waiting
+    /// for something else (publications that arrived before a SUBACK); over TLS, the TLS
+    /// state too (it may hold received plaintext not yet read).
+    pub fn into_parts(self) -> (Socket, Option<TlsConn>, Vec<u8>, Vec<v5::Packet>) {
+        let (sock, tls) = self.stream.into_parts();
+        (sock, tls, self.buf, self.pending.into_iter().collect())
     }
 
     fn write(&mut self, b: &[u8]) -> io::Result<()> {
-        (&self.sock).write_all(b)
+        let _g = self.wlock.lock().unwrap_or_else(|e| e.into_inner());
+        self.stream.write_all(b)
+    }
+
+    /// A handle that sends on this connection from another thread (5.0 only), its writes
+    /// never interleaved with this client's.
+    ///
+    /// # Errors
+    /// The socket could not be duplicated, or the connection is over TLS.
+    pub fn writer(&self) -> io::Result<Writer> {
+        match &self.stream {
+            Stream::Plain(sock) => Ok(Writer {
+                sock: sock.try_clone()?,
+                wlock: self.wlock.clone(),
+            }),
+            // One TLS state per connection, owned by the reader: it cannot be shared.
+            Stream::Tls(_) => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "sending from another thread is not possible over TLS (use a plain or Unix connection)",
+            )),
+        }
     }
 
     /// Encode and send one packet.
@@ -179,15 +240,15 @@ impl Client {
                 let frame: Vec<u8> = self.buf.drain(..total).collect();
                 return self.decode(&frame, h);
             }
-            let mut chunk = [0u8; 65536];
-            let n = (&self.sock).read(&mut chunk)?;
+            // One read buffer for the connection's life: no 64 KiB zeroed per read.
+            let n = self.stream.read(&mut self.rbuf)?;
             if n == 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "the broker closed the connection",
                 ));
             }
-            self.buf.extend_from_slice(&chunk[..n]);
+            self.buf.extend_from_slice(&self.rbuf[..n]);
         }
     }
 
@@ -386,8 +447,70 @@ impl Client {
     /// I/O errors.
     pub fn disconnect(mut self) -> io::Result<()> {
         self.send(&v5::Packet::Disconnect(v5::Disconnect::new_normal()))?;
-        let _ = self.sock.shutdown(std::net::Shutdown::Write);
+        self.stream.shutdown();
         Ok(())
+    }
+}
+
+/// How a client logs in: user name and password, TLS (mosquitto_pub/sub's flags).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct LoginArgs {
+    /// User name.
+    #[arg(short = 'u', long = "username")]
+    pub username: Option<String>,
+    /// Password (other local users can see it in `ps`; a password file or certificate is
+    /// better for scripts).
+    #[arg(short = 'P', long = "pw")]
+    pub password: Option<String>,
+    /// Connect with TLS, trusting the system's CA certificates (or --cafile's).
+    #[arg(long)]
+    pub tls: bool,
+    /// CA certificates to trust (PEM); implies --tls.
+    #[arg(long, value_name = "FILE")]
+    pub cafile: Option<PathBuf>,
+    /// Client certificate (PEM), shown to the broker; with --key.
+    #[arg(long, value_name = "FILE", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    pub key: Option<PathBuf>,
+}
+
+impl LoginArgs {
+    /// Put the user name, password and TLS configuration into `o`.
+    ///
+    /// # Errors
+    /// Unreadable certificate files.
+    pub fn apply(&self, o: &mut ConnectOptions) -> anyhow::Result<()> {
+        o.username.clone_from(&self.username);
+        o.password = self.password.clone().map(Bytes::from);
+        if self.tls || self.cafile.is_some() || self.cert.is_some() {
+            o.tls = Some(tls::client_config(&tls::ClientTls {
+                cafile: self.cafile.clone(),
+                cert: self.cert.clone(),
+                key: self.key.clone(),
+            })?);
+        }
+        Ok(())
+    }
+}
+
+/// Sends packets on a [`Client`]'s connection from another thread (MQTT 5.0).
+#[derive(Debug)]
+pub struct Writer {
+    sock: Socket,
+    wlock: Arc<Mutex<()>>,
+}
+
+impl Writer {
+    /// Encode and send one packet.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn send(&self, p: &v5::Packet) -> io::Result<()> {
+        let bytes = p.encode().map_err(proto_err)?;
+        let _g = self.wlock.lock().unwrap_or_else(|e| e.into_inner());
+        (&self.sock).write_all(bytes.as_ref())
     }
 }
 
@@ -416,6 +539,9 @@ pub struct PubArgs {
     /// The broker: HOST:PORT or a Unix socket path [default: $SOCKLAB_BUS, else 127.0.0.1:1883].
     #[arg(long)]
     pub bus: Option<String>,
+    /// User name, password, TLS.
+    #[command(flatten)]
+    pub login: LoginArgs,
 }
 
 /// Arguments of `socklab bus sub`.
@@ -430,6 +556,11 @@ pub struct SubArgs {
     /// Exit after this many messages.
     #[arg(short = 'C', long = "count")]
     pub count: Option<u64>,
+    /// Print each message's topic before it (mosquitto_sub's -v). Here -v does not raise the
+    /// log level; RUST_LOG=socklab=debug does.
+    // Same id as the global -v, so that it takes its place in this subcommand.
+    #[arg(short = 'v', long = "verbose", id = "verbose", action = clap::ArgAction::Count)]
+    pub print_topics: u8,
     /// Protocol version: 5, 311 or 31.
     #[arg(short = 'V', long = "protocol-version", value_parser = parse_version, default_value = "311")]
     pub version: Version,
@@ -448,6 +579,9 @@ pub struct SubArgs {
     /// The broker: HOST:PORT or a Unix socket path [default: $SOCKLAB_BUS, else 127.0.0.1:1883].
     #[arg(long)]
     pub bus: Option<String>,
+    /// User name, password, TLS.
+    #[command(flatten)]
+    pub login: LoginArgs,
 }
 
 fn qos_of(n: u8) -> QoS {
@@ -460,11 +594,12 @@ fn qos_of(n: u8) -> QoS {
 /// Connection failures, refusals, bad topics.
 pub fn run_pub(a: &PubArgs) -> anyhow::Result<()> {
     let ep = bus_endpoint(a.bus.as_deref());
-    let o = ConnectOptions {
+    let mut o = ConnectOptions {
         version: a.version,
         client_id: a.client_id.clone().unwrap_or_default(),
         ..Default::default()
     };
+    a.login.apply(&mut o)?;
     let o = if o.client_id.is_empty() && !a.version.is_v5() {
         ConnectOptions {
             client_id: format!("socklab-pub-{}", std::process::id()),
@@ -494,12 +629,12 @@ pub fn run_pub(a: &PubArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `socklab bus sub`; `print_topic` is the global `-v`, which here means what it means to
-/// mosquitto_sub: print each message's topic before it.
+/// `socklab bus sub`.
 ///
 /// # Errors
 /// Connection failures, refusals, bad filters.
-pub fn run_sub(a: &SubArgs, print_topic: bool) -> anyhow::Result<()> {
+pub fn run_sub(a: &SubArgs) -> anyhow::Result<()> {
+    let print_topic = a.print_topics > 0;
     let ep = bus_endpoint(a.bus.as_deref());
     let client_id = a.client_id.clone().unwrap_or_else(|| {
         if a.version.is_v5() && !a.persistent {
@@ -508,13 +643,14 @@ pub fn run_sub(a: &SubArgs, print_topic: bool) -> anyhow::Result<()> {
             format!("socklab-sub-{}", std::process::id())
         }
     });
-    let o = ConnectOptions {
+    let mut o = ConnectOptions {
         version: a.version,
         client_id,
         clean: !a.persistent,
         session_expiry: (a.persistent && a.version.is_v5()).then_some(86400),
         ..Default::default()
     };
+    a.login.apply(&mut o)?;
     let (mut c, _) = Client::connect(&ep, &o)?;
     let codes = c.subscribe(&a.filters, qos_of(a.qos))?;
     for (f, code) in a.filters.iter().zip(&codes) {

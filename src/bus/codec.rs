@@ -11,6 +11,9 @@
 //! packet value per subscriber (`benches/bus-codec/` measures it).
 
 use bytes::Bytes;
+/// The codec crate the bus is built on, for code that decodes beside it (the fuzz target
+/// checks that everything the broker sends decodes again).
+pub use mqtt_proto;
 use mqtt_proto::v5::{self, DisconnectReasonCode as Drc};
 use mqtt_proto::{v3, Pid, Protocol, QoS, QosPid};
 use std::sync::Arc;
@@ -114,6 +117,11 @@ fn malformed(e: impl std::fmt::Display) -> DecodeError {
 fn v5_err(e: v5::ErrorV5) -> DecodeError {
     match e {
         v5::ErrorV5::Common(c) => common_err(c),
+        // "It is a Protocol Error to include X more than once" (5.0 3.x, for every property
+        // but User Property), and to give a byte property a value other than 0 or 1.
+        v5::ErrorV5::DuplicatedProperty(_) | v5::ErrorV5::InvalidByteProperty(..) => {
+            DecodeError::Protocol(e.to_string())
+        }
         other => malformed(other),
     }
 }
@@ -209,6 +217,11 @@ pub fn decode_connect(frame: &[u8], header: usize) -> Result<(Version, v5::Conne
                     .map_err(v5_err)?;
             let c = v5::Connect::decode(frame, &mut off, h).map_err(v5_err)?;
             check_user_props(&c.properties.user_properties)?;
+            if c.properties.auth_data.is_some() && c.properties.auth_method.is_none() {
+                return Err(DecodeError::Protocol(
+                    "Authentication Data without an Authentication Method".into(),
+                ));
+            }
             if let Some(w) = &c.last_will {
                 check_user_props(&w.properties.user_properties)?;
             }
@@ -270,6 +283,11 @@ pub fn decode(version: Version, frame: &[u8], header: usize) -> Result<v5::Packe
                 }
                 let p = v5::Publish::decode(frame, &mut off, h).map_err(v5_err)?;
                 check_user_props(&p.properties.user_properties)?;
+                if p.properties.subscription_id.is_some() {
+                    return Err(DecodeError::Protocol(
+                        "a Subscription Identifier in a PUBLISH from a client".into(),
+                    ));
+                }
                 v5::Packet::Publish(p)
             }
             T::Puback => {
@@ -402,18 +420,20 @@ pub fn encode(version: Version, packet: &v5::Packet, out: &mut Vec<u8>) {
         v5::Packet::Pubrec(p) => v3::Packet::Pubrec(p.pid),
         v5::Packet::Pubrel(p) => v3::Packet::Pubrel(p.pid),
         v5::Packet::Pubcomp(p) => v3::Packet::Pubcomp(p.pid),
-        v5::Packet::Suback(s) => v3::Packet::Suback(v3::Suback::new(
-            s.pid,
-            s.topics
-                .iter()
-                .map(|c| match c {
-                    v5::SubscribeReasonCode::GrantedQoS0 => v3::SubscribeReturnCode::MaxLevel0,
-                    v5::SubscribeReasonCode::GrantedQoS1 => v3::SubscribeReturnCode::MaxLevel1,
-                    v5::SubscribeReasonCode::GrantedQoS2 => v3::SubscribeReturnCode::MaxLevel2,
-                    _ => v3::SubscribeReturnCode::Failure,
-                })
-                .collect(),
-        )),
+        v5::Packet::Suback(s) => {
+            // Written here: mqtt-proto 0.4 encodes its 3.1.1 `Failure` as 3, not 0x80.
+            let remaining = 2 + s.topics.len();
+            out.push(0x90);
+            put_var(out, remaining);
+            out.extend_from_slice(&s.pid.value().to_be_bytes());
+            out.extend(s.topics.iter().map(|c| match c {
+                v5::SubscribeReasonCode::GrantedQoS0 => 0,
+                v5::SubscribeReasonCode::GrantedQoS1 => 1,
+                v5::SubscribeReasonCode::GrantedQoS2 => 2,
+                _ => 0x80,
+            }));
+            return;
+        }
         v5::Packet::Unsuback(u) => v3::Packet::Unsuback(u.pid),
         v5::Packet::Pingresp => v3::Packet::Pingresp,
         v5::Packet::Publish(p) => v3::Packet::Publish(v3::Publish {
@@ -852,5 +872,59 @@ mod tests {
             v3::Packet::decode(&v3).unwrap().unwrap(),
             v3::Packet::Publish(_)
         ));
+    }
+
+    #[test]
+    fn duplicated_properties_are_protocol_errors() {
+        // PUBLISH "t" (5.0) with these properties, payload "x".
+        let publish = |props: &[u8]| {
+            let mut body = vec![0, 1, b't', props.len() as u8];
+            body.extend_from_slice(props);
+            body.push(b'x');
+            let mut p = vec![0x30, body.len() as u8];
+            p.extend(body);
+            one(&p, Version::V5)
+        };
+        assert!(publish(&[0x01, 1]).is_ok());
+        for (name, props) in [
+            ("payload format", &[0x01, 1, 0x01, 0][..]),
+            ("message expiry", &[0x02, 0, 0, 0, 5, 0x02, 0, 0, 0, 6]),
+            ("content type", &[0x03, 0, 1, b'a', 0x03, 0, 1, b'b']),
+            ("response topic", &[0x08, 0, 1, b'r', 0x08, 0, 1, b'r']),
+            ("correlation data", &[0x09, 0, 1, 7, 0x09, 0, 1, 7]),
+            ("topic alias", &[0x23, 0, 1, 0x23, 0, 2]),
+            ("payload format 2", &[0x01, 2]),
+            ("subscription id from a client", &[0x0b, 1]),
+        ] {
+            assert!(
+                matches!(publish(props), Err(DecodeError::Protocol(_))),
+                "{name}: {:?}",
+                publish(props)
+            );
+        }
+        // User properties may repeat.
+        assert!(publish(&[0x26, 0, 1, b'k', 0, 1, b'v', 0x26, 0, 1, b'k', 0, 1, b'v']).is_ok());
+        // CONNECT with two Session Expiry Intervals; SUBSCRIBE with two identifiers;
+        // PUBACK with two reason strings; DISCONNECT with two session expiries.
+        let connect = [
+            0x10, 23, 0, 4, b'M', b'Q', b'T', b'T', 5, 2, 0, 10, 10, 0x11, 0, 0, 0, 1, 0x11, 0, 0,
+            0, 2, 0, 0,
+        ];
+        let (h, _) = frame(&connect, 100).unwrap().unwrap();
+        assert!(matches!(
+            decode_connect(&connect, h),
+            Err(DecodeError::Protocol(_))
+        ));
+        for p in [
+            &[0x82, 11, 0, 1, 4, 0x0b, 1, 0x0b, 2, 0, 1, b'a', 0][..],
+            &[0x40, 12, 0, 1, 0, 8, 0x1f, 0, 1, b'a', 0x1f, 0, 1, b'b'],
+            &[0xe0, 12, 0, 10, 0x11, 0, 0, 0, 1, 0x11, 0, 0, 0, 1],
+        ] {
+            assert!(
+                matches!(one(p, Version::V5), Err(DecodeError::Protocol(_))),
+                "{p:02x?}: {:?}",
+                one(p, Version::V5)
+            );
+        }
     }
 }

@@ -21,8 +21,10 @@
 //! many unacknowledged publications, or whose output is backed up, is not read from until
 //! that clears.
 
-use super::broker::{AllowAll, Broker, BrokerConfig, ConnId, Identity, Out};
-use super::codec::PublishHeader;
+use super::auth::tls::{CertIdentity, TlsConn};
+use super::auth::{AuthConfig, Gate, Login, Outcome, Step};
+use super::broker::{Broker, BrokerConfig, ConnId, Identity, Out};
+use super::codec::{PublishHeader, Version};
 use super::session::{Inbound, Phase, Session, SessionConfig};
 use super::store::{Store, StoreOp};
 use crate::model::evloop::Slab;
@@ -37,7 +39,7 @@ use socket2::Socket;
 use std::io::{self, Write as _};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -45,11 +47,16 @@ const TCP: u64 = u64::MAX;
 const UNIX: u64 = u64::MAX - 1;
 const SIGNAL: u64 = u64::MAX - 2;
 const INBOX: u64 = u64::MAX - 3;
+const TLS: u64 = u64::MAX - 4;
+const VERDICT: u64 = u64::MAX - 5;
 const READ_BUF: usize = 64 * 1024;
 /// Reads per connection per round, so one busy publisher cannot starve the others.
 const READS_PER_ROUND: usize = 4;
 /// Output bytes a connection may have waiting before QoS 0 deliveries to it are dropped.
 const QOS0_OUT_CAP: usize = 4 << 20;
+/// Connections over `--max-connections` answered with a refusing CONNACK at a time (more are
+/// closed at once).
+const MAX_REFUSING: usize = 256;
 /// Output bytes above which a connection's input is not read until it drains.
 const OUT_BACKPRESSURE: usize = 8 << 20;
 
@@ -70,6 +77,12 @@ pub struct ServeConfig {
     pub session: SessionConfig,
     /// Broker limits.
     pub broker: BrokerConfig,
+    /// Who may connect and what they may do.
+    pub auth: AuthConfig,
+    /// A TLS listener's address, if any.
+    pub tls_listen: Option<String>,
+    /// Its configuration (certificate, key, client CAs).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// Changes for the store, with the acknowledgements to release once they are durable.
@@ -79,6 +92,23 @@ struct LoopShared {
     inbox: Mutex<Vec<(ConnId, Out)>>,
     wake: EventFd,
     pending_wake: AtomicBool,
+    verdicts: Arc<Verdicts>,
+}
+
+/// A CONNECT waiting for its password check.
+type Waiting = (Version, Box<mqtt_proto::v5::Connect>);
+
+/// Outcomes of password checks, handed back to a loop by the verifier threads.
+struct Verdicts {
+    items: Mutex<Vec<(ConnId, Outcome, Waiting)>>,
+    wake: EventFd,
+}
+
+impl Verdicts {
+    fn take(&self) -> Vec<(ConnId, Outcome, Waiting)> {
+        let _ = self.wake.read();
+        std::mem::take(&mut *self.items.lock().unwrap_or_else(|e| e.into_inner()))
+    }
 }
 
 impl LoopShared {
@@ -103,11 +133,38 @@ impl LoopShared {
 
 struct Shared {
     broker: Mutex<Broker>,
+    gate: Arc<Gate>,
     stats: Arc<super::broker::Stats>,
     loops: Vec<LoopShared>,
-    store: Option<mpsc::Sender<StoreBatch>>,
     active: AtomicUsize,
+    /// Connections over `--max-connections` being answered CONNACK "quota exceeded".
+    refusing: AtomicUsize,
     cfg: ServeConfig,
+    /// When the earliest method call times out (nanoseconds after `epoch`, `u64::MAX`:
+    /// none); loop 0 wakes for it, and is woken when a loop adds an earlier one.
+    call_deadline: AtomicU64,
+    epoch: Instant,
+}
+
+impl Shared {
+    fn call_deadline(&self) -> Option<Instant> {
+        match self.call_deadline.load(Ordering::Acquire) {
+            u64::MAX => None,
+            n => Some(self.epoch + Duration::from_nanos(n)),
+        }
+    }
+
+    /// Under the broker lock: publish its earliest call deadline; true if it moved earlier
+    /// (loop 0 must wake to keep it).
+    fn set_call_deadline(&self, d: Option<Instant>) -> bool {
+        let n = d.map_or(u64::MAX, |d| {
+            d.saturating_duration_since(self.epoch)
+                .as_nanos()
+                .min(u64::MAX as u128 - 1) as u64
+        });
+        let old = self.call_deadline.swap(n, Ordering::AcqRel);
+        n < old
+    }
 }
 
 fn loop_of(id: ConnId) -> usize {
@@ -128,6 +185,10 @@ impl Shared {
             return;
         }
         let n = self.loops.len();
+        if n == 1 {
+            mine.extend(outs);
+            return;
+        }
         let mut per: Vec<Vec<(ConnId, Out)>> = (0..n).map(|_| Vec::new()).collect();
         for (id, o) in outs {
             let l = loop_of(id);
@@ -178,18 +239,31 @@ impl Shared {
     }
 }
 
+/// A connection on a loop. Its peer's address is not kept (it is asked of the socket when a
+/// log line needs it): idle connections are what a broker has most of.
 struct Conn {
     id: ConnId,
     sock: Socket,
     session: Session,
     sent: usize,
-    peer: String,
+    /// Over `--max-connections`: its CONNECT gets a refusing CONNACK.
+    refused: bool,
+    /// Already in this round's list of connections to flush.
+    marked: bool,
     peer_uid: Option<u32>,
+    /// TLS, for a connection that came through the TLS listener.
+    tls: Option<Box<TlsConn>>,
+    /// Its password is being checked: nothing more is read, and what came after CONNECT
+    /// waits here.
+    auth_wait: bool,
+    held: Vec<Inbound>,
     readable: bool,
     /// Closing: flush what is queued, then close.
     closing: bool,
     /// Whether the broker must hear of the close as abnormal (will published).
     abnormal: bool,
+    /// TLS close_notify queued.
+    close_notify: bool,
     announced: bool,
     deadline: Option<Instant>,
 }
@@ -209,6 +283,7 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     let tcp = match (&cfg.listen, &cfg.unix) {
         (Some(a), _) => Some(Listener::open(&Endpoint::Inet(a.clone()), opts)?),
         (None, Some(_)) => None,
+        (None, None) if cfg.tls_listen.is_some() => None,
         (None, None) => Some(Listener::open(
             &Endpoint::Inet("127.0.0.1:1883".into()),
             opts,
@@ -224,9 +299,18 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         )?),
         None => None,
     };
+    let tls = match (&cfg.tls_listen, &cfg.tls) {
+        (Some(a), Some(_)) => Some(Listener::open(&Endpoint::Inet(a.clone()), opts)?),
+        _ => None,
+    };
+    let gate = Gate::start(
+        cfg.auth.clone(),
+        if cfg.auth.passwords.is_some() { 2 } else { 1 },
+    )?;
+    signals::hup_reloads();
     let mut broker_cfg = cfg.broker.clone();
     broker_cfg.durable = cfg.data.is_some();
-    let mut broker = Broker::new(broker_cfg, Arc::new(AllowAll), Instant::now());
+    let mut broker = Broker::new(broker_cfg, gate.policy(), Instant::now());
     let mut store = None;
     if let Some(dir) = &cfg.data {
         let (s, loaded) = Store::open(dir)?;
@@ -257,12 +341,26 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
             });
         }
     }
+    let mut tls_socks = Vec::new();
+    if let Some(l) = &tls {
+        for i in 0..workers {
+            tls_socks.push(if i == 0 {
+                l.try_clone()?
+            } else {
+                l.sibling(opts)?.try_clone()?
+            });
+        }
+    }
     let mut loops = Vec::with_capacity(workers);
     for _ in 0..workers {
         loops.push(LoopShared {
             inbox: Mutex::new(Vec::new()),
             wake: EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)?,
             pending_wake: AtomicBool::new(false),
+            verdicts: Arc::new(Verdicts {
+                items: Mutex::new(Vec::new()),
+                wake: EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)?,
+            }),
         });
     }
     let (store_tx, store_rx) = match store {
@@ -275,14 +373,20 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     let shared = Arc::new(Shared {
         stats: broker.stats.clone(),
         broker: Mutex::new(broker),
+        gate: gate.clone(),
         loops,
-        store: store_tx,
         active: AtomicUsize::new(0),
+        refusing: AtomicUsize::new(0),
         cfg: cfg.clone(),
+        call_deadline: AtomicU64::new(u64::MAX),
+        epoch: Instant::now(),
     });
     {
         let mut out = io::stdout().lock();
         if let Some(l) = &tcp {
+            writeln!(out, "{}", l.local)?;
+        }
+        if let Some(l) = &tls {
             writeln!(out, "{}", l.local)?;
         }
         if let Some(l) = &unix {
@@ -306,15 +410,22 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         let mut handles = Vec::new();
         for i in 0..workers {
             let sh = shared.clone();
-            let tcp = tcp_socks.get(i);
-            let unix = unix_sock.as_ref();
+            let listeners = Listeners {
+                tcp: tcp_socks.get(i),
+                tls: tls_socks.get(i),
+                unix: unix_sock.as_ref(),
+            };
             let sig = signals.fd();
+            // Each loop has its own sender: when the loops are gone, the store thread's
+            // channel closes and it finishes.
+            let store = store_tx.clone();
             handles.push(
                 std::thread::Builder::new()
                     .name(format!("bus-loop-{i}"))
-                    .spawn_scoped(scope, move || event_loop(i, &sh, tcp, unix, sig)),
+                    .spawn_scoped(scope, move || event_loop(i, &sh, store, listeners, sig)),
             );
         }
+        drop(store_tx);
         let mut result: io::Result<()> = Ok(());
         for h in handles {
             match h {
@@ -329,8 +440,7 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         result
     });
     // The loops are gone: let the store finish what it was given, then stop.
-    let shared = Arc::try_unwrap(shared).ok();
-    drop(shared);
+    gate.stop();
     if let Some(t) = store_thread {
         let _ = t.join();
     }
@@ -366,6 +476,32 @@ fn store_loop(store: Store, rx: mpsc::Receiver<StoreBatch>, shared: &Arc<Shared>
     }
 }
 
+/// Queue connection `t`'s deadline if it is earlier than the one queued (a later one is
+/// re-armed lazily when the queued one comes up); drop the queued one if it has none (no
+/// keep-alive: the CONNECT deadline goes now, not when it comes up).
+fn arm(timers: &mut Timers<usize>, c: &mut Conn, t: usize) {
+    match c.session.deadline() {
+        Some(d) if c.deadline.is_none_or(|q| d < q) => {
+            if let Some(old) = c.deadline.replace(d) {
+                timers.remove(old, t);
+            }
+            timers.insert(d, t);
+        }
+        None => {
+            if let Some(old) = c.deadline.take() {
+                timers.remove(old, t);
+            }
+        }
+        Some(_) => {}
+    }
+}
+
+/// The peer's address, for logs and the broker's identity.
+fn peer(sock: &Socket) -> String {
+    sock.peer_addr()
+        .map_or_else(|_| "(gone)".to_string(), |a| display_addr(&a))
+}
+
 fn flags() -> EpollFlags {
     EpollFlags::EPOLLIN | EpollFlags::EPOLLOUT | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLET
 }
@@ -373,9 +509,10 @@ fn flags() -> EpollFlags {
 struct Loop<'a> {
     index: usize,
     shared: &'a Shared,
+    store: Option<mpsc::Sender<StoreBatch>>,
     epoll: Epoll,
     conns: Slab<Conn>,
-    timers: Timers<(Instant, usize)>,
+    timers: Timers<usize>,
     generation: u64,
     events: Vec<(ConnId, Inbound)>,
     closed: Vec<(ConnId, bool)>,
@@ -384,17 +521,33 @@ struct Loop<'a> {
     buf: Vec<u8>,
 }
 
+/// One loop's listeners.
+#[derive(Clone, Copy)]
+struct Listeners<'a> {
+    tcp: Option<&'a Socket>,
+    tls: Option<&'a Socket>,
+    unix: Option<&'a Socket>,
+}
+
 fn event_loop(
     index: usize,
     shared: &Shared,
-    tcp: Option<&Socket>,
-    unix: Option<&Socket>,
+    store: Option<mpsc::Sender<StoreBatch>>,
+    listeners: Listeners<'_>,
     signal: BorrowedFd<'_>,
 ) -> io::Result<()> {
+    let Listeners { tcp, tls, unix } = listeners;
     let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
     if let Some(l) = tcp {
         epoll.add(l, EpollEvent::new(EpollFlags::EPOLLIN, TCP))?;
     }
+    if let Some(l) = tls {
+        epoll.add(l, EpollEvent::new(EpollFlags::EPOLLIN, TLS))?;
+    }
+    epoll.add(
+        shared.loops[index].verdicts.wake.as_fd(),
+        EpollEvent::new(EpollFlags::EPOLLIN, VERDICT),
+    )?;
     if let Some(l) = unix {
         epoll.add(
             l,
@@ -409,6 +562,7 @@ fn event_loop(
     let mut lp = Loop {
         index,
         shared,
+        store,
         epoll,
         conns: Slab::new(),
         timers: Timers::new(),
@@ -426,7 +580,10 @@ fn event_loop(
         let now = Instant::now();
         let mut timeout = lp.timers.timeout(now);
         if index == 0 {
-            let t = next_tick.saturating_duration_since(now);
+            let wake = shared
+                .call_deadline()
+                .map_or(next_tick, |d| d.min(next_tick));
+            let t = wake.saturating_duration_since(now);
             timeout = Some(timeout.map_or(t, |x| x.min(t)));
         }
         if !lp.stalled.is_empty() {
@@ -447,20 +604,32 @@ fn event_loop(
             match ev.data() {
                 TCP => {
                     if let Some(l) = tcp {
-                        lp.accept_all(l, now);
+                        lp.accept_all(l, false, now);
+                    }
+                }
+                TLS => {
+                    if let Some(l) = tls {
+                        lp.accept_all(l, true, now);
                     }
                 }
                 UNIX => {
                     if let Some(l) = unix {
-                        lp.accept_all(l, now);
+                        lp.accept_all(l, false, now);
                     }
                 }
                 SIGNAL => {
+                    signals::drain_fd(signal);
                     if signals::stop_requested() {
                         stopping = true;
+                        // The byte this loop drained was every loop's: put one back so
+                        // that the others wake and stop too.
+                        signals::request_stop();
+                    }
+                    if signals::take_reload() {
+                        lp.reload(now);
                     }
                 }
-                INBOX => {}
+                INBOX | VERDICT => {}
                 token => {
                     let t = token as usize;
                     if let Some(c) = lp.conns.get_mut(t) {
@@ -482,7 +651,7 @@ fn event_loop(
             }
         }
         if stopping {
-            lp.shutdown(tcp, unix);
+            lp.shutdown(&[tcp, tls, unix], now);
             return Ok(());
         }
         // Stalled readers whose reason cleared.
@@ -490,7 +659,8 @@ fn event_loop(
             lp.read(t, now);
         }
         lp.expire(now);
-        let tick = index == 0 && now >= next_tick;
+        let tick =
+            index == 0 && (now >= next_tick || shared.call_deadline().is_some_and(|d| now >= d));
         lp.route(now, tick, &mut next_tick);
         lp.take_inbox();
         lp.flush_dirty();
@@ -498,7 +668,7 @@ fn event_loop(
 }
 
 impl Loop<'_> {
-    fn accept_all(&mut self, listener: &Socket, now: Instant) {
+    fn accept_all(&mut self, listener: &Socket, tls: bool, now: Instant) {
         for _ in 0..256 {
             let (sock, addr) = match accept(listener, true) {
                 Ok(x) => x,
@@ -508,10 +678,19 @@ impl Loop<'_> {
                 },
             };
             let max = self.shared.cfg.max_connections;
+            let mut refused = false;
             if self.shared.active.fetch_add(1, Ordering::Relaxed) >= max {
                 self.shared.active.fetch_sub(1, Ordering::Relaxed);
-                tracing::warn!(peer = %display_addr(&addr), max, "connection limit reached: closing new connection");
-                continue;
+                // Over the limit: its CONNECT is answered "quota exceeded" (3.1.1: "server
+                // unavailable") so the client knows why; past a few of those at a time, the
+                // connection is just closed.
+                if self.shared.refusing.fetch_add(1, Ordering::Relaxed) >= MAX_REFUSING {
+                    self.shared.refusing.fetch_sub(1, Ordering::Relaxed);
+                    tracing::warn!(peer = %display_addr(&addr), max, "connection limit reached: closing new connection");
+                    continue;
+                }
+                tracing::warn!(peer = %display_addr(&addr), max, "connection limit reached: refusing the CONNECT");
+                refused = true;
             }
             let peer_uid = if addr.is_unix() {
                 nix::sys::socket::getsockopt(&sock, nix::sys::socket::sockopt::PeerCredentials)
@@ -519,6 +698,17 @@ impl Loop<'_> {
                     .map(|c| c.uid())
             } else {
                 None
+            };
+            let tls = match (tls, &self.shared.cfg.tls) {
+                (true, Some(cfg)) => match TlsConn::new(cfg) {
+                    Ok(t) => Some(Box::new(t)),
+                    Err(e) => {
+                        tracing::warn!("TLS: {e}");
+                        self.shared.active.fetch_sub(1, Ordering::Relaxed);
+                        continue;
+                    }
+                },
+                _ => None,
             };
             self.generation += 1;
             let session = Session::new(self.shared.cfg.session, now);
@@ -528,8 +718,13 @@ impl Loop<'_> {
                 sock,
                 session,
                 sent: 0,
-                peer: display_addr(&addr),
+                refused,
+                marked: false,
                 peer_uid,
+                tls,
+                auth_wait: false,
+                held: Vec::new(),
+                close_notify: false,
                 readable: true,
                 closing: false,
                 abnormal: true,
@@ -542,7 +737,7 @@ impl Loop<'_> {
             conn.id =
                 ((self.index as u64) << 56) | ((self.generation & 0xff_ffff) << 32) | t as u64;
             if let Some(d) = deadline {
-                self.timers.insert(d, (d, t));
+                self.timers.insert(d, t);
             }
             if let Err(e) = self
                 .epoll
@@ -552,7 +747,7 @@ impl Loop<'_> {
                 self.drop_conn(t, true);
                 continue;
             }
-            tracing::debug!(peer = %self.conns.get_mut(t).map_or("", |c| &c.peer), "bus connection open");
+            tracing::debug!(peer = %display_addr(&addr), "bus connection open");
             self.read(t, now);
         }
     }
@@ -562,7 +757,7 @@ impl Loop<'_> {
         let Some(c) = self.conns.get_mut(t) else {
             return;
         };
-        if !c.readable || c.closing {
+        if !c.readable || c.closing || c.auth_wait {
             return;
         }
         let receive_max = self.shared.cfg.session.receive_max as usize;
@@ -574,7 +769,14 @@ impl Loop<'_> {
                 self.stalled.push(t);
                 return;
             }
-            match crate::model::recv(&c.sock, &mut self.buf, 0) {
+            let got = match &mut c.tls {
+                Some(tls) => tls.recv(&c.sock, &mut self.buf),
+                None => crate::model::recv(&c.sock, &mut self.buf, 0),
+            };
+            if c.tls.as_ref().is_some_and(|t| t.pending()) {
+                self.dirty.push(t); // handshake messages to finish sending
+            }
+            match got {
                 Ok(0) => {
                     c.readable = false;
                     c.closing = true;
@@ -589,6 +791,20 @@ impl Loop<'_> {
                     let mut fresh = Vec::new();
                     let r = c.session.receive(&self.buf[..n], now, &mut fresh);
                     for e in fresh {
+                        if c.refused {
+                            if let Inbound::Connect(..) = e {
+                                let code = mqtt_proto::v5::ConnectReasonCode::QuotaExceeded;
+                                let mut ack = mqtt_proto::v5::Connack::new(false, code);
+                                ack.properties.reason_string =
+                                    Some("the server's connection limit is reached".into());
+                                c.session.send(&mqtt_proto::v5::Packet::Connack(ack));
+                                c.closing = true;
+                                c.readable = false;
+                                self.dirty.push(t);
+                                return;
+                            }
+                            continue;
+                        }
                         if let Inbound::Packet(mqtt_proto::v5::Packet::Disconnect(_)) = &e {
                             c.abnormal = false;
                         }
@@ -597,18 +813,10 @@ impl Loop<'_> {
                     if !c.session.out.is_empty() {
                         self.dirty.push(t);
                     }
-                    // CONNECT replaces the connect timeout by the keep-alive deadline, which
-                    // may be earlier: queue it (later ones are re-armed lazily).
-                    if let Some(d) = c.session.deadline() {
-                        if c.deadline.is_none_or(|q| d < q) {
-                            if let Some(old) = c.deadline.replace(d) {
-                                self.timers.remove(old, (old, t));
-                            }
-                            self.timers.insert(d, (d, t));
-                        }
-                    }
+                    // CONNECT replaces the connect timeout by the keep-alive deadline.
+                    arm(&mut self.timers, c, t);
                     if let Err(v) = r {
-                        tracing::info!(peer = %c.peer, reason = ?v.reason, "protocol violation: {}", v.message);
+                        tracing::info!(peer = %peer(&c.sock), reason = ?v.reason, "protocol violation: {}", v.message);
                         c.session.violation(&v);
                         c.closing = true;
                         c.readable = false;
@@ -631,7 +839,7 @@ impl Loop<'_> {
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    tracing::debug!(peer = %c.peer, "recv: {e}");
+                    tracing::debug!(peer = %peer(&c.sock), "recv: {e}");
                     c.readable = false;
                     c.closing = true;
                     c.session.out.clear();
@@ -650,7 +858,7 @@ impl Loop<'_> {
     /// Keep-alive and CONNECT deadlines (re-armed lazily: a connection that spoke since its
     /// deadline was queued gets a new one).
     fn expire(&mut self, now: Instant) {
-        while let Some((_, (at, t))) = self.timers.pop_due(now) {
+        while let Some((at, t)) = self.timers.pop_due(now) {
             let Some(c) = self.conns.get_mut(t) else {
                 continue;
             };
@@ -660,10 +868,10 @@ impl Loop<'_> {
             match c.session.deadline() {
                 Some(d) if d > now => {
                     c.deadline = Some(d);
-                    self.timers.insert(d, (d, t));
+                    self.timers.insert(d, t);
                 }
                 Some(_) => {
-                    tracing::info!(peer = %c.peer, "keep-alive expired: closing");
+                    tracing::info!(peer = %peer(&c.sock), "keep-alive expired: closing");
                     c.deadline = None;
                     c.session.disconnect(Drc::KeepAliveTimeout);
                     c.closing = true;
@@ -679,7 +887,8 @@ impl Loop<'_> {
     fn route(&mut self, now: Instant, tick: bool, next_tick: &mut Instant) {
         // Connections closing with nothing left to flush are closed before routing, so
         // the broker hears of the close in the same round.
-        if self.events.is_empty() && self.closed.is_empty() && !tick {
+        let verdicts = self.shared.loops[self.index].verdicts.take();
+        if self.events.is_empty() && self.closed.is_empty() && !tick && verdicts.is_empty() {
             return;
         }
         let events = std::mem::take(&mut self.events);
@@ -697,29 +906,31 @@ impl Loop<'_> {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner()),
             );
+            for (id, outcome, (version, connect)) in verdicts {
+                let t = (id & 0xffff_ffff) as usize;
+                let Some(c) = self.conns.get_mut(t).filter(|c| c.id == id) else {
+                    continue; // gone while its password was checked
+                };
+                c.auth_wait = false;
+                let held = std::mem::take(&mut c.held);
+                if self.admit(&mut b, id, version, connect, outcome, now) {
+                    for ev in held {
+                        if let Inbound::Packet(p) = ev {
+                            b.packet(id, p, now);
+                        }
+                    }
+                    self.stalled.push(t); // read on
+                }
+            }
             for (id, ev) in events {
+                let t = (id & 0xffff_ffff) as usize;
+                if let Some(c) = self.conns.get_mut(t).filter(|c| c.id == id && c.auth_wait) {
+                    c.held.push(ev); // after a CONNECT whose password is being checked
+                    continue;
+                }
                 match ev {
                     Inbound::Connect(version, connect) => {
-                        let t = (id & 0xffff_ffff) as usize;
-                        let (peer, peer_uid) = self
-                            .conns
-                            .get_mut(t)
-                            .filter(|c| c.id == id)
-                            .map_or((String::new(), None), |c| (c.peer.clone(), c.peer_uid));
-                        if let Some(c) = self.conns.get_mut(t).filter(|c| c.id == id) {
-                            c.announced = true;
-                        }
-                        b.connect(
-                            id,
-                            version,
-                            *connect,
-                            Identity {
-                                peer,
-                                peer_uid,
-                                ..Default::default()
-                            },
-                            now,
-                        );
+                        self.login(&mut b, id, version, connect, now);
                     }
                     Inbound::Packet(p) => b.packet(id, p, now),
                 }
@@ -730,23 +941,145 @@ impl Loop<'_> {
             if tick {
                 *next_tick = b.tick(now);
             }
-            let ops = std::mem::take(&mut b.ops);
-            let gated = std::mem::take(&mut b.gated);
-            let outs = std::mem::take(&mut b.out);
-            if let Some(store) = &self.shared.store {
-                if !ops.is_empty() || !gated.is_empty() {
-                    // Sent under the broker lock so the store sees changes in their order.
-                    let _ = store.send((ops, gated));
-                }
-            } else {
-                self.shared.append(gated, self.index, &mut mine, &mut wake);
+            if self.shared.set_call_deadline(b.next_call_deadline()) && self.index != 0 {
+                wake.push(0);
             }
-            self.shared.append(outs, self.index, &mut mine, &mut wake);
+            self.hand_out(&mut b, &mut mine, &mut wake);
         }
         for l in wake {
             self.shared.loops[l].wake();
         }
         self.apply(mine);
+    }
+
+    /// A CONNECT arrived: ask the gate; admit or refuse now, or wait for the verifier.
+    fn login(
+        &mut self,
+        b: &mut Broker,
+        id: ConnId,
+        version: Version,
+        connect: Box<mqtt_proto::v5::Connect>,
+        now: Instant,
+    ) {
+        let t = (id & 0xffff_ffff) as usize;
+        let Some(c) = self.conns.get_mut(t).filter(|c| c.id == id) else {
+            return;
+        };
+        let identity = self.shared.cfg.auth.cert_identity;
+        let login = Login {
+            username: connect.username.clone(),
+            password: connect.password.clone(),
+            peer: peer(&c.sock),
+            peer_uid: c.peer_uid,
+            cert_user: c
+                .tls
+                .as_ref()
+                .filter(|_| identity != CertIdentity::None)
+                .and_then(|t| t.peer_user(identity)),
+        };
+        match self.shared.gate.start_login(login, now) {
+            Step::Done(outcome) => {
+                self.admit(b, id, version, connect, outcome, now);
+            }
+            Step::Verify(job) => {
+                c.auth_wait = true;
+                let verdicts = self.shared.loops[self.index].verdicts.clone();
+                let waiting = Some((version, connect));
+                self.shared.gate.submit(job, move |outcome| {
+                    let mut waiting = waiting;
+                    if let Some(w) = waiting.take() {
+                        verdicts
+                            .items
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push((id, outcome, w));
+                        let _ = verdicts.wake.write(1);
+                    }
+                });
+            }
+        }
+    }
+
+    /// Hand an authenticated CONNECT to the broker, or refuse it; whether it was admitted.
+    fn admit(
+        &mut self,
+        b: &mut Broker,
+        id: ConnId,
+        version: Version,
+        connect: Box<mqtt_proto::v5::Connect>,
+        outcome: Outcome,
+        now: Instant,
+    ) -> bool {
+        let t = (id & 0xffff_ffff) as usize;
+        let Some(c) = self.conns.get_mut(t).filter(|c| c.id == id) else {
+            return false;
+        };
+        match outcome {
+            Ok((username, verified)) => {
+                c.announced = true;
+                let identity = Identity {
+                    peer: peer(&c.sock),
+                    peer_uid: c.peer_uid,
+                    username,
+                    verified,
+                    ..Default::default()
+                };
+                b.connect(id, version, *connect, identity, now);
+                true
+            }
+            Err(r) => {
+                tracing::info!(peer = %peer(&c.sock), code = ?r.code, "connection refused: {}", r.why);
+                c.session.send(&mqtt_proto::v5::Packet::Connack(
+                    mqtt_proto::v5::Connack::new(false, r.code),
+                ));
+                c.abnormal = false;
+                c.closing = true;
+                c.readable = false;
+                self.dirty.push(t);
+                false
+            }
+        }
+    }
+
+    /// SIGHUP: reread the password and ACL files; the broker withdraws what is no longer
+    /// allowed. Bad files leave the old ones in force.
+    fn reload(&mut self, now: Instant) {
+        let policy = match self.shared.gate.reload() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!("reload: {e}; the previous files stay in force");
+                return;
+            }
+        };
+        let mut mine = Vec::new();
+        let mut wake = Vec::new();
+        {
+            let mut b = self.shared.broker.lock().unwrap_or_else(|e| e.into_inner());
+            b.set_authorizer(policy, now);
+            self.hand_out(&mut b, &mut mine, &mut wake);
+        }
+        for l in wake {
+            self.shared.loops[l].wake();
+        }
+        self.apply(mine);
+        tracing::info!("reloaded the password and ACL files");
+    }
+
+    /// Under the broker lock: the round's changes to the store (with the acknowledgements
+    /// that wait for them), the outputs to the loops they belong to.
+    fn hand_out(&self, b: &mut Broker, mine: &mut Vec<(ConnId, Out)>, wake: &mut Vec<usize>) {
+        let ops = std::mem::take(&mut b.ops);
+        let gated = std::mem::take(&mut b.gated);
+        let outs = std::mem::take(&mut b.out);
+        if let Some(store) = &self.store {
+            if !ops.is_empty() || !gated.is_empty() {
+                // Sent under the broker lock so the store sees changes in their order.
+                let _ = store.send((ops, gated));
+            }
+        } else {
+            self.shared.append(gated, self.index, mine, wake);
+        }
+        self.shared.append(outs, self.index, mine, wake);
     }
 
     fn take_inbox(&mut self) {
@@ -763,13 +1096,19 @@ impl Loop<'_> {
     /// Encode outputs for this loop's connections.
     fn apply(&mut self, items: Vec<(ConnId, Out)>) {
         let stats = &self.shared.stats;
+        let now = Instant::now();
+        let mut sent = 0;
         for (id, o) in items {
             let t = (id & 0xffff_ffff) as usize;
             let Some(c) = self.conns.get_mut(t).filter(|c| c.id == id) else {
                 continue;
             };
             match o {
-                Out::Packet(p) => c.session.send(&p),
+                Out::Packet(p) => {
+                    c.session.send(&p);
+                    // A CONNACK's Server Keep Alive may have set (or shortened) it.
+                    arm(&mut self.timers, c, t);
+                }
                 Out::Publish(d) => {
                     if c.closing {
                         continue;
@@ -785,11 +1124,9 @@ impl Loop<'_> {
                         retain: d.retain,
                         sub_ids: &d.sub_ids,
                         alias: None,
-                        expiry: d.msg.expiry_left(Instant::now()),
+                        expiry: d.msg.expiry_left(now),
                     };
-                    if c.session.deliver(&d.msg, h) {
-                        stats.msgs_out.fetch_add(1, Ordering::Relaxed);
-                    }
+                    sent += c.session.deliver(&d.msg, h) as u64;
                 }
                 Out::Close(reason) => {
                     if let Some(r) = reason {
@@ -801,8 +1138,13 @@ impl Loop<'_> {
                     c.readable = false;
                 }
             }
-            self.dirty.push(t);
+            // Once per connection per round, however many deliveries it got.
+            if !c.marked {
+                c.marked = true;
+                self.dirty.push(t);
+            }
         }
+        stats.msgs_out.fetch_add(sent, Ordering::Relaxed);
     }
 
     /// Send what each connection has waiting (one `send` per connection per round); close
@@ -815,9 +1157,14 @@ impl Loop<'_> {
             let Some(c) = self.conns.get_mut(t) else {
                 continue;
             };
+            c.marked = false;
             let mut failed = false;
             while c.sent < c.session.out.len() {
-                match c.sock.send(&c.session.out[c.sent..]) {
+                let r = match &mut c.tls {
+                    Some(tls) => tls.send(&c.sock, &c.session.out[c.sent..]),
+                    None => c.sock.send(&c.session.out[c.sent..]),
+                };
+                match r {
                     Ok(n) => {
                         c.sent += n;
                         self.shared
@@ -828,23 +1175,40 @@ impl Loop<'_> {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => {
-                        tracing::debug!(peer = %c.peer, "send: {e}");
+                        tracing::debug!(peer = %peer(&c.sock), "send: {e}");
                         failed = true;
                         break;
                     }
                 }
             }
+            if let Some(tls) = &mut c.tls {
+                if c.closing && c.sent == c.session.out.len() && !c.close_notify {
+                    c.close_notify = true;
+                    tls.close();
+                }
+                match tls.flush(&c.sock) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => {
+                        tracing::debug!(peer = %peer(&c.sock), "TLS send: {e}");
+                        failed = true;
+                    }
+                }
+            }
+            let tls_pending = c.tls.as_ref().is_some_and(|t| t.pending());
             if c.sent == c.session.out.len() {
                 c.sent = 0;
                 c.session.out.clear();
-                if c.session.out.capacity() > (256 << 10) {
+                // A large buffer is not kept for a burst that passed, nor a small one for a
+                // connection that may now sit idle (a CONNACK, a PINGRESP).
+                if c.session.out.capacity() > (256 << 10) || c.session.out.capacity() <= 64 {
                     c.session.out = Vec::new();
                 }
                 if c.readable {
                     self.stalled.push(t);
                 }
             }
-            if failed || (c.closing && c.session.out.is_empty()) {
+            if failed || (c.closing && c.session.out.is_empty() && !tls_pending) {
                 let abnormal = c.abnormal;
                 self.drop_conn(t, abnormal);
             }
@@ -856,29 +1220,93 @@ impl Loop<'_> {
             return;
         };
         if let Some(d) = c.deadline {
-            self.timers.remove(d, (d, t));
+            self.timers.remove(d, t);
+        }
+        if c.refused {
+            self.shared.refusing.fetch_sub(1, Ordering::Relaxed);
+            return;
         }
         self.shared.active.fetch_sub(1, Ordering::Relaxed);
-        tracing::debug!(peer = %c.peer, "bus connection closed");
+        tracing::debug!(peer = %peer(&c.sock), "bus connection closed");
         if c.announced || c.session.phase() != Phase::AwaitConnect {
             self.closed.push((c.id, abnormal));
         }
     }
 
-    /// Stop: no more accepts, 5.0 clients are told the server is shutting down, every
-    /// connection is flushed (briefly) and closed.
-    fn shutdown(&mut self, tcp: Option<&Socket>, unix: Option<&Socket>) {
-        if let Some(l) = tcp {
+    /// Stop: no more accepts; the broker ends every session's connection as lost (wills go
+    /// out, to connections still open too); 5.0 clients are told the server is shutting
+    /// down; what is queued is flushed for up to a second, then every connection is closed
+    /// (TLS ones after a close_notify).
+    fn shutdown(&mut self, listeners: &[Option<&Socket>], now: Instant) {
+        for l in listeners.iter().flatten() {
             let _ = self.epoll.delete(l);
         }
-        if let Some(l) = unix {
-            let _ = self.epoll.delete(l);
+        let mut mine = Vec::new();
+        let mut wake = Vec::new();
+        {
+            let mut b = self.shared.broker.lock().unwrap_or_else(|e| e.into_inner());
+            mine.append(
+                &mut self.shared.loops[self.index]
+                    .inbox
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()),
+            );
+            // Every loop does this; the first one ends all sessions, the later ones what
+            // connected since (a repeated call finds nothing else to do).
+            b.shutdown(now);
+            self.hand_out(&mut b, &mut mine, &mut wake);
         }
-        for t in self.conns.tokens() {
+        for l in wake {
+            self.shared.loops[l].wake();
+        }
+        self.apply(mine);
+        let tokens = self.conns.tokens();
+        for &t in &tokens {
             if let Some(c) = self.conns.get_mut(t) {
                 c.session.disconnect(Drc::ServerShuttingDown);
-                let _ = c.sock.send(&c.session.out[c.sent..]);
             }
+        }
+        let deadline = Instant::now() + Duration::from_secs(1);
+        loop {
+            let mut left = false;
+            for &t in &tokens {
+                let Some(c) = self.conns.get_mut(t) else {
+                    continue;
+                };
+                while c.sent < c.session.out.len() {
+                    let r = match &mut c.tls {
+                        Some(tls) => tls.send(&c.sock, &c.session.out[c.sent..]),
+                        None => c.sock.send(&c.session.out[c.sent..]),
+                    };
+                    match r {
+                        Ok(n) => c.sent += n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            left = true;
+                            break;
+                        }
+                        Err(_) => {
+                            c.sent = c.session.out.len(); // gone: nothing more to do
+                        }
+                    }
+                }
+                if let Some(tls) = &mut c.tls {
+                    if c.sent == c.session.out.len() && !c.close_notify {
+                        c.close_notify = true;
+                        tls.close();
+                    }
+                    match tls.flush(&c.sock) {
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => left = true,
+                        _ => {}
+                    }
+                }
+            }
+            if !left || Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for t in tokens {
             self.conns.remove(t);
         }
     }

@@ -85,23 +85,38 @@ pub enum Phase {
     Closed,
 }
 
-/// One connection's protocol state.
+/// One connection's protocol state. Kept small (an idle connection costs this, its socket
+/// and its broker session): the limits are copied in as the few numbers they are, and what
+/// only some connections use (topic aliases, QoS 2 in progress) is allocated when first
+/// used.
 #[derive(Debug)]
 pub struct Session {
-    cfg: SessionConfig,
+    /// Largest packet accepted from the client.
+    max_packet: u32,
+    topic_alias_max: u16,
+    receive_max: u16,
     phase: Phase,
     version: Version,
+    /// Keep-alive in seconds (0: none).
+    keep_alive: u16,
+    /// Topic aliases the client accepts from us.
+    alias_out_max: u16,
+    /// The client's maximum packet size.
+    client_max_packet: u32,
+    qos1_unacked: u32,
+    /// Awaiting CONNECT: when it must have arrived; connected: when the client last spoke.
+    clock: Instant,
     buf: Vec<u8>,
     /// Encoded bytes waiting to be sent.
     pub out: Vec<u8>,
-    keep_alive: Option<Duration>,
-    opened: Instant,
-    last_rx: Instant,
+    extra: Option<Box<Extra>>,
+}
+
+/// What only some connections need.
+#[derive(Debug, Default)]
+struct Extra {
     alias_in: HashMap<u16, Arc<str>>,
     alias_out: HashMap<Arc<str>, u16>,
-    alias_out_max: u16,
-    client_max_packet: usize,
-    qos1_unacked: usize,
     qos2_unacked: HashSet<u16>,
 }
 
@@ -109,21 +124,24 @@ impl Session {
     /// A new connection, opened at `now`.
     pub fn new(cfg: SessionConfig, now: Instant) -> Session {
         Session {
-            cfg,
+            max_packet: cfg.max_packet.min(u32::MAX as usize) as u32,
+            topic_alias_max: cfg.topic_alias_max,
+            receive_max: cfg.receive_max,
             phase: Phase::AwaitConnect,
             version: Version::V311,
+            keep_alive: 0,
+            alias_out_max: 0,
+            client_max_packet: u32::MAX,
+            qos1_unacked: 0,
+            clock: now + cfg.connect_timeout,
             buf: Vec::new(),
             out: Vec::new(),
-            keep_alive: None,
-            opened: now,
-            last_rx: now,
-            alias_in: HashMap::new(),
-            alias_out: HashMap::new(),
-            alias_out_max: 0,
-            client_max_packet: usize::MAX,
-            qos1_unacked: 0,
-            qos2_unacked: HashSet::new(),
+            extra: None,
         }
+    }
+
+    fn extra(&mut self) -> &mut Extra {
+        self.extra.get_or_insert_with(Default::default)
     }
 
     /// The phase.
@@ -143,15 +161,16 @@ impl Session {
 
     /// QoS 1/2 publications received and not yet acknowledged.
     pub fn unacked_in(&self) -> usize {
-        self.qos1_unacked + self.qos2_unacked.len()
+        self.qos1_unacked as usize + self.extra.as_ref().map_or(0, |e| e.qos2_unacked.len())
     }
 
     /// When the connection is to be dropped for silence: CONNECT not received within the
     /// connect timeout, or nothing received for 1.5 × the keep-alive.
     pub fn deadline(&self) -> Option<Instant> {
         match self.phase {
-            Phase::AwaitConnect => Some(self.opened + self.cfg.connect_timeout),
-            Phase::Connected => self.keep_alive.map(|k| self.last_rx + k * 3 / 2),
+            Phase::AwaitConnect => Some(self.clock),
+            Phase::Connected => (self.keep_alive > 0)
+                .then(|| self.clock + Duration::from_millis(self.keep_alive as u64 * 1500)),
             Phase::Closed => None,
         }
     }
@@ -169,7 +188,9 @@ impl Session {
         if self.phase == Phase::Closed {
             return Ok(());
         }
-        self.last_rx = now;
+        if self.phase == Phase::Connected {
+            self.clock = now;
+        }
         let r = if self.buf.is_empty() {
             let r = self.parse(data, now, events);
             if let Ok(used) = r {
@@ -204,7 +225,7 @@ impl Session {
         let mut used = 0;
         while self.phase != Phase::Closed {
             let rest = &data[used..];
-            let Some((header, total)) = codec::frame(rest, self.cfg.max_packet)? else {
+            let Some((header, total)) = codec::frame(rest, self.max_packet as usize)? else {
                 break;
             };
             let frame = &rest[..total];
@@ -228,11 +249,11 @@ impl Session {
                 };
                 self.version = version;
                 self.phase = Phase::Connected;
-                self.keep_alive =
-                    Some(Duration::from_secs(connect.keep_alive as u64)).filter(|d| !d.is_zero());
+                self.keep_alive = connect.keep_alive;
+                self.clock = now;
                 let p = &connect.properties;
                 self.alias_out_max = p.topic_alias_max.unwrap_or(0);
-                self.client_max_packet = p.max_packet_size.map_or(usize::MAX, |m| m as usize);
+                self.client_max_packet = p.max_packet_size.unwrap_or(u32::MAX);
                 if p.receive_max == Some(0) || p.max_packet_size == Some(0) {
                     return Err(Violation::new(
                         Drc::ProtocolError,
@@ -254,15 +275,16 @@ impl Session {
                         QoS::Level0 => {}
                         QoS::Level1 => self.qos1_unacked += 1,
                         QoS::Level2 => {
-                            self.qos2_unacked.insert(codec::pid_of(p.qos_pid));
+                            let pid = codec::pid_of(p.qos_pid);
+                            self.extra().qos2_unacked.insert(pid);
                         }
                     }
-                    if self.version.is_v5() && self.unacked_in() > self.cfg.receive_max as usize {
+                    if self.version.is_v5() && self.unacked_in() > self.receive_max as usize {
                         return Err(Violation::new(
                             Drc::ReceiveMaximumExceeded,
                             format!(
                                 "more than {} unacknowledged QoS 1/2 publications",
-                                self.cfg.receive_max
+                                self.receive_max
                             ),
                         ));
                     }
@@ -287,11 +309,11 @@ impl Session {
     fn resolve_alias(&mut self, p: &mut v5::Publish) -> Result<(), Violation> {
         let alias = p.properties.topic_alias.take();
         match alias {
-            Some(a) if a == 0 || a > self.cfg.topic_alias_max => Err(Violation::new(
+            Some(a) if a == 0 || a > self.topic_alias_max => Err(Violation::new(
                 Drc::TopicAliasInvalid,
-                format!("topic alias {a} outside 1..={}", self.cfg.topic_alias_max),
+                format!("topic alias {a} outside 1..={}", self.topic_alias_max),
             )),
-            Some(a) if p.topic_name.is_empty() => match self.alias_in.get(&a) {
+            Some(a) if p.topic_name.is_empty() => match self.extra().alias_in.get(&a) {
                 Some(t) => {
                     p.topic_name = mqtt_proto::TopicName::try_from(t.clone())
                         .map_err(|e| Violation::new(Drc::TopicNameInvalid, e.to_string()))?;
@@ -303,7 +325,8 @@ impl Session {
                 )),
             },
             Some(a) => {
-                self.alias_in.insert(a, Arc::from(&*p.topic_name));
+                let topic = Arc::from(&*p.topic_name);
+                self.extra().alias_in.insert(a, topic);
                 Ok(())
             }
             None if p.topic_name.is_empty() => Err(Violation::new(
@@ -321,19 +344,41 @@ impl Session {
         match packet {
             v5::Packet::Puback(_) => self.qos1_unacked = self.qos1_unacked.saturating_sub(1),
             v5::Packet::Pubrec(r) if r.reason_code as u8 >= 0x80 => {
-                self.qos2_unacked.remove(&r.pid.value());
+                if let Some(e) = &mut self.extra {
+                    e.qos2_unacked.remove(&r.pid.value());
+                }
             }
             v5::Packet::Pubcomp(c) => {
-                self.qos2_unacked.remove(&c.pid.value());
+                if let Some(e) = &mut self.extra {
+                    e.qos2_unacked.remove(&c.pid.value());
+                }
             }
             v5::Packet::Connack(c) => {
                 if let Some(k) = c.properties.server_keep_alive {
-                    self.keep_alive = Some(Duration::from_secs(k as u64)).filter(|d| !d.is_zero());
+                    self.keep_alive = k;
                 }
             }
             _ => {}
         }
+        let start = self.out.len();
         codec::encode(self.version, packet, &mut self.out);
+        // A Reason String must not take a packet over the client's maximum size: without it.
+        if self.out.len() - start > self.client_max_packet as usize {
+            self.out.truncate(start);
+            match packet {
+                v5::Packet::Disconnect(d) if d.properties.reason_string.is_some() => {
+                    let mut d = d.clone();
+                    d.properties.reason_string = None;
+                    codec::encode(self.version, &v5::Packet::Disconnect(d), &mut self.out);
+                }
+                v5::Packet::Connack(c) if c.properties.reason_string.is_some() => {
+                    let mut c = c.clone();
+                    c.properties.reason_string = None;
+                    codec::encode(self.version, &v5::Packet::Connack(c), &mut self.out);
+                }
+                _ => codec::encode(self.version, packet, &mut self.out),
+            }
+        }
     }
 
     /// Encode a delivery, choosing an outgoing topic alias when the client allows them.
@@ -341,45 +386,69 @@ impl Session {
     /// not sent, and counts as delivered, as 5.0 says).
     pub fn deliver(&mut self, msg: &Message, mut h: PublishHeader<'_>) -> bool {
         if self.version.is_v5() && self.alias_out_max > 0 {
-            h.alias = match self.alias_out.get(&msg.topic) {
+            let max = self.alias_out_max as usize;
+            let aliases = &mut self.extra().alias_out;
+            h.alias = match aliases.get(&msg.topic) {
                 Some(&a) => Some((a, false)),
-                None if self.alias_out.len() < self.alias_out_max as usize => {
-                    let a = self.alias_out.len() as u16 + 1;
-                    self.alias_out.insert(msg.topic.clone(), a);
+                None if aliases.len() < max => {
+                    let a = aliases.len() as u16 + 1;
+                    aliases.insert(msg.topic.clone(), a);
                     Some((a, true))
                 }
                 None => None,
             };
         }
-        let ok =
-            codec::encode_publish(self.version, msg, &h, self.client_max_packet, &mut self.out);
+        let max = self.client_max_packet as usize;
+        let ok = codec::encode_publish(self.version, msg, &h, max, &mut self.out);
         if !ok {
-            if let Some((_, true)) = h.alias {
-                self.alias_out.remove(&msg.topic);
+            if let (Some((_, true)), Some(e)) = (h.alias, &mut self.extra) {
+                e.alias_out.remove(&msg.topic);
             }
         }
         ok
     }
 
-    /// Close for a violation: a 5.0 client past CONNECT is told why with a DISCONNECT.
+    /// Close for a violation: a 5.0 client past CONNECT is told why with a DISCONNECT (its
+    /// reason code, and what happened as the Reason String).
     pub fn violation(&mut self, v: &Violation) {
         if self.phase != Phase::AwaitConnect && self.version.is_v5() && self.out.len() < (1 << 20) {
-            self.disconnect(v.reason);
+            self.disconnect_because(v.reason, &v.message);
         }
         self.phase = Phase::Closed;
     }
 
-    /// Close with a DISCONNECT carrying `reason` (5.0 only; 3.1.1 servers just close).
+    /// Close with a DISCONNECT carrying `reason` (5.0 only; 3.1.1 servers just close), and a
+    /// Reason String saying it in words.
     pub fn disconnect(&mut self, reason: Drc) {
+        let why = match reason {
+            Drc::KeepAliveTimeout => "nothing received for 1.5 times the keep-alive",
+            Drc::ServerShuttingDown => "the server is shutting down",
+            Drc::SessionTakenOver => "another connection took the session over",
+            Drc::ProtocolError => "protocol error",
+            _ => "",
+        };
+        self.disconnect_because(reason, why);
+    }
+
+    fn disconnect_because(&mut self, reason: Drc, why: &str) {
         if self.phase != Phase::AwaitConnect && self.version.is_v5() {
-            codec::encode(
-                self.version,
-                &v5::Packet::Disconnect(v5::Disconnect::new(reason)),
-                &mut self.out,
-            );
+            let mut d = v5::Disconnect::new(reason);
+            if !why.is_empty() {
+                d.properties.reason_string = Some(truncate(why, 200).into());
+            }
+            self.send(&v5::Packet::Disconnect(d));
         }
         self.phase = Phase::Closed;
     }
+}
+
+/// At most `max` bytes of `s`, cut at a character boundary.
+fn truncate(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 #[cfg(test)]
@@ -427,7 +496,20 @@ mod tests {
         let e = feed(&mut s, &two).unwrap_err();
         assert_eq!(e.reason, Drc::ProtocolError);
         s.violation(&e);
-        assert_eq!(&s.out[..], &[0xe0, 1, 0x82], "DISCONNECT 0x82");
+        assert_eq!(&s.out[..3], &[0xe0, s.out[1], 0x82], "DISCONNECT 0x82");
+        let v5::Packet::Disconnect(d) = v5::Packet::decode(&s.out).unwrap().unwrap() else {
+            panic!("{:x?}", s.out)
+        };
+        assert_eq!(
+            d.properties.reason_string.as_deref(),
+            Some("protocol error: a second CONNECT"),
+            "the reason in words"
+        );
+        // A client whose maximum packet size leaves no room gets the DISCONNECT without it.
+        let mut s = Session::new(SessionConfig::default(), Instant::now());
+        feed(&mut s, &connect_v5(&[0x27, 0, 0, 0, 3])).unwrap();
+        s.disconnect(Drc::KeepAliveTimeout);
+        assert_eq!(&s.out[..], &[0xe0, 1, 0x8d]);
     }
 
     #[test]

@@ -39,6 +39,12 @@ pub struct Record {
     pub v5: bool,
     /// Its subscriptions.
     pub subs: Vec<(Arc<str>, SubOpts)>,
+    /// Since when it has been without a connection (`None`: connected). Its expiry and a
+    /// delayed will count from then, across restarts.
+    pub offline_since: Option<Instant>,
+    /// Its will and will delay: sent if the connection ends without DISCONNECT (a crash of
+    /// the server included), or pending if that already happened and the delay runs.
+    pub will: Option<(Message, u32)>,
 }
 
 /// A message queued or in flight for a persistent session.
@@ -196,9 +202,7 @@ fn encode_msg(b: &mut Vec<u8>, m: &Message) {
         Some(true) => 2,
     });
     // Expiry as a wall-clock deadline, so time spent down counts.
-    let deadline = m
-        .expires
-        .map(|e| wall_secs() + e.saturating_duration_since(Instant::now()).as_secs());
+    let deadline = m.expires.map(to_wall);
     b.extend_from_slice(&deadline.unwrap_or(0).to_be_bytes());
     put_u32(b, p.expiry.unwrap_or(0));
     put_opt(b, p.content_type.as_deref().map(str::as_bytes));
@@ -231,8 +235,7 @@ fn decode_msg(r: &mut Reader<'_>) -> Result<Message, StoreError> {
     for _ in 0..n {
         user.push((r.text()?, r.text()?));
     }
-    let expires = (deadline != 0)
-        .then(|| Instant::now() + Duration::from_secs(deadline.saturating_sub(wall_secs())));
+    let expires = (deadline != 0).then(|| from_wall(deadline));
     Ok(Message {
         topic,
         payload,
@@ -288,6 +291,26 @@ fn decode_queued(client: Arc<str>, seq: u64, data: &[u8]) -> Result<StoredMsg, S
     })
 }
 
+/// An instant as wall-clock seconds (so that time spent down counts), and back.
+fn to_wall(t: Instant) -> u64 {
+    let now = Instant::now();
+    match t.checked_duration_since(now) {
+        Some(ahead) => wall_secs() + ahead.as_secs(),
+        None => wall_secs().saturating_sub(now.duration_since(t).as_secs()),
+    }
+}
+
+fn from_wall(secs: u64) -> Instant {
+    let now = Instant::now();
+    let wall = wall_secs();
+    if secs >= wall {
+        now + Duration::from_secs(secs - wall)
+    } else {
+        now.checked_sub(Duration::from_secs(wall - secs))
+            .unwrap_or(now)
+    }
+}
+
 fn encode_record(rec: &Record) -> Vec<u8> {
     let mut b = Vec::new();
     put_u32(&mut b, rec.expiry);
@@ -300,6 +323,16 @@ fn encode_record(rec: &Record) -> Vec<u8> {
         b.push(o.retain_as_published as u8);
         b.push(o.retain_handling);
         put_u32(&mut b, o.id.unwrap_or(0));
+    }
+    // Added later: older records end here (read as connected, no will).
+    b.extend_from_slice(&rec.offline_since.map_or(0, to_wall).to_be_bytes());
+    match &rec.will {
+        Some((m, delay)) => {
+            b.push(1);
+            put_u32(&mut b, *delay);
+            encode_msg(&mut b, m);
+        }
+        None => b.push(0),
     }
     b
 }
@@ -321,11 +354,22 @@ fn decode_record(client: Arc<str>, data: &[u8]) -> Result<Record, StoreError> {
         };
         subs.push((f, o));
     }
+    let mut offline_since = None;
+    let mut will = None;
+    if !r.0.is_empty() {
+        offline_since = Some(r.u64()?).filter(|&s| s != 0).map(from_wall);
+        if r.u8()? == 1 {
+            let delay = r.u32()?;
+            will = Some((decode_msg(&mut r)?, delay));
+        }
+    }
     Ok(Record {
         client,
         expiry,
         v5,
         subs,
+        offline_since,
+        will,
     })
 }
 
@@ -484,6 +528,8 @@ mod tests {
                     expiry: 60,
                     v5: true,
                     subs: vec![("t".into(), opts)],
+                    offline_since: Some(Instant::now() - Duration::from_secs(30)),
+                    will: Some((msg.clone(), 20)),
                 }),
                 StoreOp::Queue(q(1)),
                 StoreOp::Queue(q(2)),
@@ -496,6 +542,10 @@ mod tests {
         drop(store);
         let (store, loaded) = Store::open(dir.path()).unwrap();
         assert_eq!(loaded.sessions[0].subs[0].1, opts);
+        let since = loaded.sessions[0].offline_since.expect("offline");
+        let ago = since.elapsed().as_secs();
+        assert!((29..=31).contains(&ago), "offline for {ago} s, not 30");
+        assert_eq!(loaded.sessions[0].will, Some((msg.clone(), 20)));
         assert_eq!(loaded.queued.len(), 1);
         assert_eq!((loaded.queued[0].pid, loaded.queued[0].released), (5, true));
         assert_eq!(loaded.queued[0].msg, msg);

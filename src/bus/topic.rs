@@ -273,6 +273,153 @@ fn remove_at(node: &mut Node, levels: &[&str], group: Option<&str>, client: Clie
     }
 }
 
+/// Retained messages (or anything kept per topic) in a tree of topic levels: a new
+/// subscription finds what its filter matches by walking the filter down the tree, so its
+/// cost is what matches (times the wildcards' fan-out), not the number of retained topics.
+#[derive(Debug)]
+pub struct ByTopic<T> {
+    root: TopicNode<T>,
+    len: usize,
+    /// How many of them are `$` topics (`$SYS/...`).
+    dollar: usize,
+}
+
+#[derive(Debug)]
+struct TopicNode<T> {
+    children: HashMap<Box<str>, TopicNode<T>>,
+    value: Option<T>,
+}
+
+impl<T> Default for TopicNode<T> {
+    fn default() -> Self {
+        TopicNode {
+            children: HashMap::new(),
+            value: None,
+        }
+    }
+}
+
+impl<T> Default for ByTopic<T> {
+    fn default() -> Self {
+        ByTopic {
+            root: TopicNode::default(),
+            len: 0,
+            dollar: 0,
+        }
+    }
+}
+
+impl<T> ByTopic<T> {
+    /// An empty tree.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of topics holding a value.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Number of topics holding a value, `$` topics left out.
+    pub fn len_without_dollar(&self) -> usize {
+        self.len - self.dollar
+    }
+
+    /// Whether no topic holds a value.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Set the value of `topic`, returning the one it replaces.
+    pub fn insert(&mut self, topic: &str, value: T) -> Option<T> {
+        let mut node = &mut self.root;
+        for level in topic.split('/') {
+            node = node.children.entry(level.into()).or_default();
+        }
+        let old = node.value.replace(value);
+        if old.is_none() {
+            self.len += 1;
+            self.dollar += topic.starts_with('$') as usize;
+        }
+        old
+    }
+
+    /// Take the value of `topic` out (and the nodes left empty).
+    pub fn remove(&mut self, topic: &str) -> Option<T> {
+        let levels: Vec<&str> = topic.split('/').collect();
+        let old = remove_topic(&mut self.root, &levels);
+        if old.is_some() {
+            self.len -= 1;
+            self.dollar -= topic.starts_with('$') as usize;
+        }
+        old
+    }
+
+    /// The value of exactly `topic`.
+    pub fn get(&self, topic: &str) -> Option<&T> {
+        let mut node = &self.root;
+        for level in topic.split('/') {
+            node = node.children.get(level)?;
+        }
+        node.value.as_ref()
+    }
+
+    /// Every value whose topic `filter` (plain, validated) matches, by the rules of
+    /// [`matches`].
+    pub fn matching<'a>(&'a self, filter: &str, out: &mut Vec<&'a T>) {
+        let levels: Vec<&str> = filter.split('/').collect();
+        walk(&self.root, &levels, 0, out);
+    }
+}
+
+fn remove_topic<T>(node: &mut TopicNode<T>, levels: &[&str]) -> Option<T> {
+    match levels {
+        [] => node.value.take(),
+        [first, rest @ ..] => {
+            let child = node.children.get_mut(*first)?;
+            let old = remove_topic(child, rest);
+            if child.value.is_none() && child.children.is_empty() {
+                node.children.remove(*first);
+            }
+            old
+        }
+    }
+}
+
+/// Everything below `node` (itself included).
+fn all<'a, T>(node: &'a TopicNode<T>, root: bool, out: &mut Vec<&'a T>) {
+    out.extend(node.value.as_ref());
+    for (name, child) in &node.children {
+        // A wildcard in the first level never matches a topic starting with `$`.
+        if !(root && name.starts_with('$')) {
+            all(child, false, out);
+        }
+    }
+}
+
+fn walk<'a, T>(node: &'a TopicNode<T>, levels: &[&str], i: usize, out: &mut Vec<&'a T>) {
+    let Some(&level) = levels.get(i) else {
+        out.extend(node.value.as_ref());
+        return;
+    };
+    match level {
+        // `#` also matches the parent level (`a/#` matches `a`); at the root there is none.
+        "#" => all(node, i == 0, out),
+        "+" => {
+            for (name, child) in &node.children {
+                if !(i == 0 && name.starts_with('$')) {
+                    walk(child, levels, i + 1, out);
+                }
+            }
+        }
+        _ => {
+            if let Some(child) = node.children.get(level) {
+                walk(child, levels, i + 1, out);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -362,5 +509,60 @@ mod tests {
         assert_eq!(got, vec![0, 0, 1, 1, 2, 2]);
         assert_eq!(parse_filter("$share//x"), None);
         assert_eq!(parse_filter("$share/g"), None);
+    }
+
+    #[test]
+    fn retained_tree_matches_as_the_rules_say() {
+        let topics = [
+            "sport",
+            "sport/",
+            "sport/tennis/player1",
+            "sport/tennis/player1/ranking",
+            "/finance",
+            "a//b",
+            "$SYS/broker/uptime",
+            "$SYS",
+        ];
+        let filters = [
+            "#",
+            "+",
+            "+/+",
+            "/+",
+            "sport/#",
+            "sport/+",
+            "sport/tennis/+",
+            "sport/tennis/player1/#",
+            "a/+/b",
+            "a//b",
+            "$SYS/#",
+            "$SYS/+/uptime",
+            "+/broker/uptime",
+            "nothing/#",
+        ];
+        let mut t = ByTopic::new();
+        for topic in topics {
+            assert!(t.insert(topic, topic).is_none());
+        }
+        assert_eq!(t.len(), topics.len());
+        assert_eq!(t.len_without_dollar(), topics.len() - 2);
+        for f in filters {
+            let mut got = Vec::new();
+            t.matching(f, &mut got);
+            let mut got: Vec<&str> = got.into_iter().copied().collect();
+            got.sort_unstable();
+            let mut want: Vec<&str> = topics.iter().copied().filter(|t| matches(f, t)).collect();
+            want.sort_unstable();
+            assert_eq!(got, want, "filter {f}");
+        }
+        assert_eq!(t.insert("sport", "again"), Some("sport"));
+        assert_eq!(t.get("sport"), Some(&"again"));
+        for topic in topics {
+            assert!(t.remove(topic).is_some(), "{topic}");
+        }
+        assert!(
+            t.is_empty() && t.root.children.is_empty(),
+            "no empty nodes left"
+        );
+        assert_eq!(t.remove("sport"), None);
     }
 }

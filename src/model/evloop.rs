@@ -237,6 +237,11 @@ impl<T> Slab<T> {
         item
     }
 
+    /// The item with `token`, to read.
+    pub fn get(&self, token: usize) -> Option<&T> {
+        self.items.get(token)?.as_ref()
+    }
+
     /// The item with `token`.
     pub fn get_mut(&mut self, token: usize) -> Option<&mut T> {
         self.items.get_mut(token)?.as_mut()

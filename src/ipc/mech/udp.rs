@@ -32,9 +32,14 @@ pub fn open(setup: &Setup) -> anyhow::Result<Pair> {
         fit_datagram(&socket2::SockRef::from(s), len, "udp")?;
     }
     let rcvbuf = socket2::SockRef::from(&b).recv_buffer_size()?;
-    // Each queued datagram costs its length plus the kernel's bookkeeping (about 1 KiB on
-    // loopback); keep two windows within half the receive buffer.
-    let window = (rcvbuf / (4 * (len + 1024))).max(1);
+    // A queued datagram costs the kernel's allocation for it, not its length: on loopback
+    // the buffer holding it is rounded up to a power of two, plus about 512 bytes of
+    // bookkeeping (a 4 KiB message costs 8.5 KiB). UDP also gives memory back to the socket
+    // lazily, in steps of a quarter of the buffer. Keep two windows within half the receive
+    // buffer at that cost: with the length plus 1 KiB as the estimate, every 4 KiB stream
+    // lost the last message of a window (RcvbufErrors in /proc/net/snmp).
+    let cost = (len + 1024).max((len + 576).next_power_of_two() + 512);
+    let window = (rcvbuf / (4 * cost)).max(1);
     Ok(Pair {
         a: Box::new(PacketEnd::new(a)),
         b: Box::new(PacketEnd::new(b)),
