@@ -4,7 +4,9 @@
 #                            where it is: honours CARGO_TARGET_DIR and build.target-dir)
 #   ensure_tools TOOL...     install nginx/wrk/curl with apt-get if any TOOL is missing
 #   free_port                print a free loopback TCP port
-#   start_nginx ROOT WORKERS start nginx serving ROOT on loopback; sets $nginx_port
+#   start_nginx ROOT WORKERS [DIRECTIVES] [NAME]
+#                            start nginx serving ROOT on loopback, with extra http-level
+#                            DIRECTIVES, in $tmp/NAME (default nginx); sets $nginx_port
 # shellcheck shell=bash
 tmp=$(mktemp -d)
 chmod 755 "$tmp"   # nginx workers do not run as root
@@ -38,26 +40,28 @@ free_port() {
 }
 
 start_nginx() {
-  local root=$1 workers=$2
+  local root=$1 workers=$2 extra=${3:-} name=${4:-nginx}
+  local d="$tmp/$name"
   nginx_port=$(free_port)
-  mkdir -p "$tmp/nginx/logs"
-  cat > "$tmp/nginx/nginx.conf" <<CONF
+  mkdir -p "$d/logs"
+  cat > "$d/nginx.conf" <<CONF
 daemon off;
 worker_processes $workers;
-pid $tmp/nginx/nginx.pid;
-error_log $tmp/nginx/logs/error.log;
+pid $d/nginx.pid;
+error_log $d/logs/error.log;
 events { worker_connections 4096; }
 http {
     access_log off;
     sendfile on;
     tcp_nopush on;
     keepalive_requests 1000000;
-    client_body_temp_path $tmp/nginx/body; proxy_temp_path $tmp/nginx/proxy; fastcgi_temp_path $tmp/nginx/fcgi;
-    uwsgi_temp_path $tmp/nginx/uwsgi; scgi_temp_path $tmp/nginx/scgi;
+    $extra
+    client_body_temp_path $d/body; proxy_temp_path $d/proxy; fastcgi_temp_path $d/fcgi;
+    uwsgi_temp_path $d/uwsgi; scgi_temp_path $d/scgi;
     server { listen 127.0.0.1:$nginx_port; root $root; }
 }
 CONF
-  nginx -c "$tmp/nginx/nginx.conf" -p "$tmp/nginx" &
+  ${NGINX_PREFIX:-} nginx -c "$d/nginx.conf" -p "$d" &
   pids+=($!)
   for _ in $(seq 50); do curl -sf -o /dev/null "http://127.0.0.1:$nginx_port/" -r 0-0 2>/dev/null && break; sleep 0.05; done
 }

@@ -246,6 +246,7 @@ fn tree() -> &'static Tree {
             root: root.clone(),
             follow_symlinks: false,
             header_timeout: std::time::Duration::from_secs(3600),
+            cache: socklab::service::http::cache::Cache::new(1 << 20),
         };
         Tree {
             _dir: dir,

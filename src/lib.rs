@@ -8,11 +8,13 @@
 //! - [`net`]: resolving addresses (`AF_UNSPEC`, like `getaddrinfo`) and opening listeners and
 //!   connections: TCP over IPv4/IPv6, Unix stream sockets, UDP.
 //! - [`service`]: the protocols, written once and without I/O ("sans-IO"): echo, discard,
-//!   daytime, reverse, http. A [`service::Session`] is fed bytes and queues output.
+//!   daytime, reverse, http (with its response cache for small files, `service::http::cache`).
+//!   A [`service::Session`] is fed bytes and queues output.
 //! - [`output`]: the per-connection output queue (bytes and file regions) and the one
 //!   function every model uses to flush it, with the read/mmap/sendfile strategies.
 //! - [`model`]: the server designs, one file each: iterative, fork, prefork, thread, pool,
-//!   poll, epoll, reactors, tokio; and what they share (accept with back-off, connection
+//!   select, poll, epoll, reactors, uring (a directory: the loop, its connection, the ring,
+//!   the provided-buffer ring), tokio; and what they share (accept with back-off, connection
 //!   limits, shutdown, the blocking connection driver).
 //! - [`timer`]: the one timer structure of the event loops (deadlines kept ordered).
 //! - [`signals`]: SIGINT/SIGTERM/SIGCHLD turned into flags and a self-pipe wake-up.

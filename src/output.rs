@@ -389,6 +389,60 @@ impl Outbox {
     }
 }
 
+/// The next piece of queued output, for a model whose sends complete later (io_uring): it
+/// hands the kernel this piece, and tells [`Outbox::consume`] how much of it went. While the
+/// kernel reads from it the outbox must not change (the model queues new output in another
+/// outbox meanwhile).
+#[derive(Debug)]
+pub enum Piece<'a> {
+    /// Bytes, at the front of the queue; `more` when a file region follows them (send them
+    /// with `MSG_MORE`, so they share segments with the file).
+    Bytes {
+        /// The bytes not yet sent.
+        bytes: &'a [u8],
+        /// A file region comes next.
+        more: bool,
+    },
+    /// A region of an open file.
+    File {
+        /// The file.
+        file: &'a File,
+        /// The next byte of it to send.
+        offset: u64,
+        /// Bytes of it left to send.
+        len: u64,
+    },
+}
+
+impl Outbox {
+    /// The piece at the front of the queue, if any (see [`Piece`]).
+    pub fn piece(&self) -> Option<Piece<'_>> {
+        let front = self.queue.front()?;
+        Some(match &front.file {
+            Some(f) => Piece::File {
+                file: &f.file,
+                offset: f.offset,
+                len: f.left,
+            },
+            None => Piece::Bytes {
+                bytes: &front.buf[front.sent..],
+                more: self.queue.get(1).is_some_and(|c| c.file.is_some()),
+            },
+        })
+    }
+
+    /// `n` bytes from the front went out (as the kernel reported a send of [`Outbox::piece`]).
+    /// More than is queued counts as all of it.
+    pub fn consume(&mut self, n: usize) {
+        self.advance(n.min(self.pending));
+    }
+
+    /// How file regions are to be sent.
+    pub fn strategy(&self) -> SendStrategy {
+        self.strategy
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -67,6 +67,9 @@ pub struct ServeArgs {
     /// http: also serve symlinks that point outside the root.
     #[arg(long)]
     pub follow_symlinks: bool,
+    /// http: memory for complete answers of small files (revalidated on every use; 0 = off).
+    #[arg(long, value_parser = parse_size, default_value = "8M")]
+    pub cache: usize,
 }
 
 /// Number of cores available to this process.
@@ -119,6 +122,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
             root_fd,
             follow_symlinks: args.follow_symlinks,
             header_timeout: args.header_timeout,
+            cache: crate::service::http::cache::Cache::new(args.cache),
         }));
     }
     let mut signals = Signals::install().context("installing signal handlers")?;
@@ -151,14 +155,22 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         grace: args.grace,
         max_conns: args.max_conns,
     };
+    if model == ModelKind::Uring {
+        // Refuse at once, before listening, if this system does not allow io_uring.
+        model::uring::probe().map_err(|why| UsageError(format!("--model uring: {why}")))?;
+    }
     let listen_opts = ListenOptions {
         backlog: args.backlog,
-        reuse_port: model == ModelKind::Reactors,
+        reuse_port: matches!(model, ModelKind::Reactors | ModelKind::Uring),
     };
     let listener = Listener::open(&endpoint, listen_opts)?;
     announce(&listener.local)?;
     match model {
-        ModelKind::Prefork | ModelKind::Pool | ModelKind::Reactors | ModelKind::Tokio => {
+        ModelKind::Prefork
+        | ModelKind::Pool
+        | ModelKind::Reactors
+        | ModelKind::Uring
+        | ModelKind::Tokio => {
             tracing::info!(service = %args.service, %model, workers, "listening on {}", listener.local)
         }
         _ => tracing::info!(service = %args.service, %model, "listening on {}", listener.local),
@@ -171,9 +183,11 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         ModelKind::Prefork => model::prefork::run(&listener, ctx, &mut signals),
         ModelKind::Thread => model::thread::run(&listener, ctx, &signals),
         ModelKind::Pool => model::pool::run(&listener, ctx, &signals),
+        ModelKind::Select => model::select::run(&listener, ctx, &signals),
         ModelKind::Poll => model::poll::run(&listener, ctx, &signals),
         ModelKind::Epoll => model::epoll::run(&listener, ctx, &signals),
         ModelKind::Reactors => model::reactors::run(&listener, ctx, &signals, listen_opts),
+        ModelKind::Uring => model::uring::run(&listener, ctx, &signals, listen_opts),
         ModelKind::Tokio => model::tokio::run(&listener, ctx, &signals),
     };
     result.with_context(|| format!("{model} server"))?;

@@ -692,3 +692,160 @@ fn framing_if_range_and_raw_byte_names_over_the_wire() {
     assert_eq!(out.stdout, b"latin-1\n", "{href}");
     assert!(srv.stop().0.success());
 }
+
+/// A GET (or HEAD) on a fresh connection: status, header block, body.
+fn fetch(addr: &str, method: &str, path: &str, extra: &str) -> (u16, String, Vec<u8>) {
+    let req = format!("{method} {path} HTTP/1.1\r\nHost: t\r\n{extra}Connection: close\r\n\r\n");
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let end = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a whole head")
+        + 4;
+    let head = String::from_utf8_lossy(&out[..end]).into_owned();
+    let status = head[9..12].parse().unwrap();
+    (status, head, out[end..].to_vec())
+}
+
+/// The header block without its `Date` line (which changes every second).
+fn undated(head: &str) -> String {
+    head.lines()
+        .filter(|l| !l.starts_with("Date:"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Issue 11: the response cache serves a small file from memory once it is settled, and
+/// never serves it stale -- changed in place (same size), replaced by a rename, removed, or
+/// its permissions changed: the next request sees it. Answers from the cache have the same
+/// fields as those built from the file (ETag, Last-Modified...); ranges and conditional
+/// requests behave as without the cache. Which answers came from the cache is read from
+/// the server's debug log (`cached=true`).
+#[test]
+fn the_response_cache_never_serves_a_stale_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for (name, body) in [
+        ("changed.txt", "AAAA"),
+        ("replaced.txt", "BBBB"),
+        ("removed.txt", "CCCC"),
+        ("perm.txt", "DDDD"),
+        ("fresh.txt", "EEEE"),
+    ] {
+        std::fs::write(root.join(name), body).unwrap();
+        std::fs::set_permissions(root.join(name), std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    // Files are cached once their last change is a second old (socklab::...::cache::SETTLE).
+    std::thread::sleep(Duration::from_millis(1100));
+    // As root, permissions do not stop reading; the server drops to nobody if it can.
+    let root_user = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata("/proc/self").unwrap().uid() == 0
+    };
+    let wrapper: &[&str] = if root_user {
+        &[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ]
+    } else {
+        &[]
+    };
+    let args = [
+        "http",
+        "--root",
+        root.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "-v",
+    ];
+    let srv = Server::start_as(wrapper, &args);
+    let a = srv.addr.clone();
+    let get = |path: &str| fetch(&a, "GET", path, "");
+
+    // Filled, then served from the cache with the same fields and body.
+    let (s1, h1, b1) = get("/changed.txt");
+    let (s2, h2, b2) = get("/changed.txt");
+    assert_eq!(
+        (s1, s2, &b1[..], &b2[..]),
+        (200, 200, &b"AAAA"[..], &b"AAAA"[..])
+    );
+    assert_eq!(undated(&h1), undated(&h2));
+    let (s, h, b) = fetch(&a, "HEAD", "/changed.txt", "");
+    assert_eq!((s, undated(&h), b.len()), (200, undated(&h1), 0));
+    // Conditional and range requests take the normal path: 304 and 206 as always.
+    let etag = h1
+        .lines()
+        .find_map(|l| l.strip_prefix("ETag: "))
+        .unwrap()
+        .to_string();
+    let (s, _, _) = fetch(
+        &a,
+        "GET",
+        "/changed.txt",
+        &format!("If-None-Match: {etag}\r\n"),
+    );
+    assert_eq!(s, 304);
+    let (s, h, b) = fetch(&a, "GET", "/changed.txt", "Range: bytes=1-2\r\n");
+    assert_eq!((s, &b[..]), (206, &b"AA"[..]), "{h}");
+    // Changed in place, same size.
+    std::fs::write(root.join("changed.txt"), "XXXX").unwrap();
+    assert_eq!(get("/changed.txt").2, b"XXXX");
+
+    // Replaced by a rename.
+    for _ in 0..2 {
+        assert_eq!(get("/replaced.txt").2, b"BBBB");
+    }
+    std::fs::write(root.join("new.txt"), "YYYY").unwrap();
+    std::fs::set_permissions(root.join("new.txt"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::rename(root.join("new.txt"), root.join("replaced.txt")).unwrap();
+    assert_eq!(get("/replaced.txt").2, b"YYYY");
+
+    // Removed.
+    for _ in 0..2 {
+        assert_eq!(get("/removed.txt").2, b"CCCC");
+    }
+    std::fs::remove_file(root.join("removed.txt")).unwrap();
+    assert_eq!(get("/removed.txt").0, 404);
+
+    // Permissions taken away: as a user the server cannot read it any more (403).
+    for _ in 0..2 {
+        assert_eq!(get("/perm.txt").2, b"DDDD");
+    }
+    std::fs::set_permissions(
+        root.join("perm.txt"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    assert_eq!(get("/perm.txt").0, 403);
+
+    // A file changed less than a second ago is not cached (its times could repeat).
+    std::fs::write(root.join("fresh.txt"), "FFFF").unwrap();
+    for _ in 0..2 {
+        assert_eq!(get("/fresh.txt").2, b"FFFF");
+    }
+
+    let (status, err) = srv.stop();
+    assert!(status.success(), "{err}");
+    let hits = |path: &str| {
+        err.lines()
+            .filter(|l| l.contains("cached=true") && l.contains(&format!("path=\"{path}\"")))
+            .count()
+    };
+    assert_eq!(
+        hits("/changed.txt"),
+        2,
+        "the second GET and the HEAD: {err}"
+    );
+    for path in ["/replaced.txt", "/removed.txt", "/perm.txt"] {
+        assert_eq!(hits(path), 1, "{path}: {err}");
+    }
+    assert_eq!(hits("/fresh.txt"), 0, "{err}");
+}

@@ -12,7 +12,7 @@ use util::*;
 #[test]
 fn max_conns_closes_the_extra_connection_and_recovers() {
     for model in [
-        "fork", "thread", "pool", "poll", "epoll", "reactors", "tokio",
+        "fork", "thread", "pool", "select", "poll", "epoll", "reactors", "uring", "tokio",
     ] {
         let srv = Server::tcp("reverse", model, &["--max-conns", "2"]);
         let mut a = srv.connect();
@@ -66,24 +66,22 @@ fn idle_connections_are_closed_after_the_timeout() {
 /// the pending ones, and accepts them once descriptors are free again.
 #[test]
 fn descriptor_exhaustion_pauses_accepts_without_spinning() {
-    for model in ["thread", "poll", "epoll", "reactors", "tokio"] {
-        let cmd = format!(
-            "ulimit -n 48; exec {BIN} serve reverse --model {model} --listen 127.0.0.1:0 --workers 1"
+    for model in [
+        "thread", "select", "poll", "epoll", "reactors", "uring", "tokio",
+    ] {
+        let srv = start_with_shell(
+            "ulimit -n 48",
+            &[
+                "reverse",
+                "--model",
+                model,
+                "--listen",
+                "127.0.0.1:0",
+                "--workers",
+                "1",
+            ],
         );
-        let mut child = Command::new("sh")
-            .args(["-c", &cmd])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        let addr = line.trim().to_string();
-        let pid = child.id();
+        let (addr, pid) = (srv.addr.clone(), srv.pid());
         let connect = || {
             let s = TcpStream::connect(&addr).unwrap();
             s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
@@ -108,11 +106,8 @@ fn descriptor_exhaustion_pauses_accepts_without_spinning() {
         conns.truncate(10);
         assert_eq!(reverse(&mut last, b"later"), b"retal", "{model}");
         drop(conns);
-        signal(pid, libc::SIGTERM);
-        let status = wait_timeout(&mut child, Duration::from_secs(15)).expect("exit");
+        let (status, err) = srv.stop();
         assert!(status.success(), "{model}");
-        let mut err = String::new();
-        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
         assert!(err.contains("out of resources"), "{model}: {err}");
     }
 }
@@ -195,6 +190,7 @@ fn backlog_option_sets_the_listen_backlog() {
         ("thread", "33"),
         ("prefork", "5"),
         ("reactors", "9"),
+        ("uring", "11"),
     ] {
         let srv = Server::tcp("echo", model, &["--backlog", backlog]);
         let addr: std::net::SocketAddr = srv.addr.parse().unwrap();

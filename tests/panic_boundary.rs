@@ -66,7 +66,7 @@ fn daytime(addr: &str) -> Result<Vec<u8>, String> {
 fn check(model: ModelKind, dir: &Path) -> Result<(), String> {
     let opts = ListenOptions {
         backlog: 64,
-        reuse_port: model == ModelKind::Reactors,
+        reuse_port: matches!(model, ModelKind::Reactors | ModelKind::Uring),
     };
     let listener =
         Listener::open(&Endpoint::Inet("127.0.0.1:0".into()), opts).map_err(|e| e.to_string())?;
@@ -152,9 +152,11 @@ fn serve(model: ModelKind, listener: Listener, opts: ListenOptions, log: &Path) 
         ModelKind::Prefork => model::prefork::run(&listener, ctx, &mut signals),
         ModelKind::Thread => model::thread::run(&listener, ctx, &signals),
         ModelKind::Pool => model::pool::run(&listener, ctx, &signals),
+        ModelKind::Select => model::select::run(&listener, ctx, &signals),
         ModelKind::Poll => model::poll::run(&listener, ctx, &signals),
         ModelKind::Epoll => model::epoll::run(&listener, ctx, &signals),
         ModelKind::Reactors => model::reactors::run(&listener, ctx, &signals, opts),
+        ModelKind::Uring => model::uring::run(&listener, ctx, &signals, opts),
         ModelKind::Tokio => model::tokio::run(&listener, ctx, &signals),
     };
     let _ = std::io::stdout().flush();

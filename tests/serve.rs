@@ -369,10 +369,10 @@ macro_rules! per_concurrent_model {
     )*};
 }
 
-per_model!(iterative, fork, prefork, thread, pool, poll, epoll, reactors, tokio);
+per_model!(iterative, fork, prefork, thread, pool, select, poll, epoll, reactors, uring, tokio);
 
 mod concurrent {
-    per_concurrent_model!(fork, prefork, thread, pool, poll, epoll, reactors, tokio);
+    per_concurrent_model!(fork, prefork, thread, pool, select, poll, epoll, reactors, uring, tokio);
 }
 
 /// The level-triggered epoll variant passes the same core checks.
@@ -422,6 +422,8 @@ fn request_with_fin_in_one_burst_is_answered_and_closed() {
         ("epoll", &["--trigger", "level"][..]),
         ("reactors", &[][..]),
         ("poll", &[][..]),
+        ("select", &[][..]),
+        ("uring", &[][..]),
         ("tokio", &[][..]),
     ] {
         let srv = Server::tcp("reverse", model, extra);

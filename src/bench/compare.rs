@@ -53,7 +53,8 @@ pub enum Scenario {
     Levels,
     /// Stevens' UNP ch. 30 setup: a connection per request, 4,000-byte answers.
     Stevens,
-    /// 16 active connections beside 0, 1,000 and 5,000 idle ones: poll vs epoll vs reactors.
+    /// 16 active connections beside 0, 1,000 and 5,000 idle ones: select, poll, epoll,
+    /// reactors and uring.
     C10k,
 }
 
@@ -172,7 +173,13 @@ pub fn run(args: &BenchArgs, signals: &Signals) -> anyhow::Result<()> {
     let scenario = args.scenario;
     let mut models = if args.models.is_empty() {
         match scenario {
-            Scenario::C10k => vec![ModelKind::Poll, ModelKind::Epoll, ModelKind::Reactors],
+            Scenario::C10k => vec![
+                ModelKind::Select,
+                ModelKind::Poll,
+                ModelKind::Epoll,
+                ModelKind::Reactors,
+                ModelKind::Uring,
+            ],
             _ => ModelKind::ALL.to_vec(),
         }
     } else {

@@ -1,11 +1,14 @@
-//! What the event-loop designs (`poll`, `epoll`, `reactors`) share: a connection's state and
-//! the one function that moves its bytes when the socket is ready, a slab of connections
-//! indexed by token, and the idle-timeout and shutdown bookkeeping.
+//! What the event-loop designs (`select`, `poll`, `epoll`, `reactors`) share: a connection's
+//! state and the one function that moves its bytes when the socket is ready, a slab of
+//! connections indexed by token, and the idle-timeout and shutdown bookkeeping; and what the
+//! two loops that rebuild their descriptor list every round (`select`, `poll`) do alike once
+//! readiness is known ([`drive_level`], [`accept_batch`], [`stop_level`]).
 //!
-//! The loops differ only in how they learn readiness (`poll` rebuilds an array each round,
-//! `epoll` keeps an interest list in the kernel) and in edge vs level triggering.
+//! The loops differ only in how they learn readiness (`select` fills bit sets and `poll` an
+//! array each round, `epoll` keeps an interest list in the kernel) and in edge vs level
+//! triggering.
 
-use crate::model::{contain, Ctx, End, Slot, ADMIT_WAIT};
+use crate::model::{accept, accept_action, contain, AcceptAction, Ctx, End, Slot, ADMIT_WAIT};
 use crate::output::{Flush, Outbox};
 use crate::service::Session;
 use crate::signals;
@@ -290,6 +293,73 @@ pub const MAX_PARKED: usize = 64;
 /// How often a loop looks again at connections waiting for a slot.
 const ADMIT_RETRY: Duration = Duration::from_millis(2);
 
+/// Connections accepted over `--max-conns`, each waiting up to [`ADMIT_WAIT`] for a slot:
+/// the count lags a client's close by a loop's turn or another loop's. Every event loop
+/// keeps one (the readiness loops in their [`Book`], the io_uring loops beside theirs).
+#[derive(Debug, Default)]
+pub struct Parking {
+    parked: VecDeque<(Socket, SockAddr, Instant)>,
+    /// When the queued [`TimerKey::Admit`] deadline is.
+    timer: Option<Instant>,
+}
+
+impl Parking {
+    /// Let a connection over the limit wait for a slot, or close it at once if
+    /// [`MAX_PARKED`] already wait or the loop is `stopping`.
+    pub fn park(
+        &mut self,
+        ctx: &Ctx,
+        sock: Socket,
+        peer: SockAddr,
+        now: Instant,
+        stopping: bool,
+        timers: &mut Timers<TimerKey>,
+    ) {
+        if self.parked.len() >= MAX_PARKED || stopping {
+            ctx.refuse(&peer);
+            return;
+        }
+        self.parked.push_back((sock, peer, now + ADMIT_WAIT));
+        self.arm(now, timers);
+    }
+
+    fn arm(&mut self, now: Instant, timers: &mut Timers<TimerKey>) {
+        if self.timer.is_none() {
+            let at = now + ADMIT_RETRY;
+            timers.insert(at, TimerKey::Admit);
+            self.timer = Some(at);
+        }
+    }
+
+    /// Its [`TimerKey::Admit`] deadline was popped.
+    pub fn timer_fired(&mut self) {
+        self.timer = None;
+    }
+
+    /// Admit the waiting connections that now find a slot (returned, for the loop to
+    /// register), close those whose wait is over, and look again soon at the rest.
+    pub fn unpark<'a>(
+        &mut self,
+        ctx: &'a Ctx,
+        now: Instant,
+        stopping: bool,
+        timers: &mut Timers<TimerKey>,
+    ) -> Vec<(Socket, Slot<'a>)> {
+        let mut admitted = Vec::new();
+        for (sock, peer, deadline) in std::mem::take(&mut self.parked) {
+            match ctx.try_admit(&peer) {
+                Some(slot) => admitted.push((sock, slot)),
+                None if deadline <= now || stopping => ctx.refuse(&peer),
+                None => self.parked.push_back((sock, peer, deadline)),
+            }
+        }
+        if !self.parked.is_empty() {
+            self.arm(now, timers);
+        }
+        admitted
+    }
+}
+
 /// The idle-timeout and shutdown bookkeeping every event loop does the same way.
 #[derive(Debug)]
 pub struct Book<'a> {
@@ -302,11 +372,8 @@ pub struct Book<'a> {
     pub stopping: bool,
     /// The grace period is over: close everything.
     pub grace_over: bool,
-    /// Connections accepted over `--max-conns`, waiting (until the deadline) for a slot:
-    /// the count lags a client's close by a loop's turn or another loop's.
-    parked: VecDeque<(Socket, SockAddr, Instant)>,
-    /// When the queued [`TimerKey::Admit`] deadline is.
-    admit_timer: Option<Instant>,
+    /// Connections accepted over `--max-conns`, waiting for a slot.
+    parking: Parking,
 }
 
 impl<'a> Book<'a> {
@@ -318,45 +385,20 @@ impl<'a> Book<'a> {
             idle: Some(ctx.opts.idle_timeout).filter(|d| !d.is_zero()),
             stopping: false,
             grace_over: false,
-            parked: VecDeque::new(),
-            admit_timer: None,
+            parking: Parking::default(),
         }
     }
 
-    /// A connection over `--max-conns`: let it wait up to [`ADMIT_WAIT`] for a slot (see
-    /// [`Book::unpark`]), or close it at once if [`MAX_PARKED`] already wait.
+    /// A connection over `--max-conns`: let it wait for a slot (see [`Parking::park`]).
     pub fn park(&mut self, ctx: &Ctx, sock: Socket, peer: SockAddr, now: Instant) {
-        if self.parked.len() >= MAX_PARKED || self.stopping {
-            ctx.refuse(&peer);
-            return;
-        }
-        self.parked.push_back((sock, peer, now + ADMIT_WAIT));
-        self.arm_admit(now);
+        self.parking
+            .park(ctx, sock, peer, now, self.stopping, &mut self.timers);
     }
 
-    fn arm_admit(&mut self, now: Instant) {
-        if self.admit_timer.is_none() {
-            let at = now + ADMIT_RETRY;
-            self.timers.insert(at, TimerKey::Admit);
-            self.admit_timer = Some(at);
-        }
-    }
-
-    /// Admit the waiting connections that now find a slot (returned, for the loop to
-    /// register), close those whose wait is over, and look again soon at the rest.
+    /// The waiting connections that now find a slot (see [`Parking::unpark`]).
     pub fn unpark(&mut self, ctx: &'a Ctx, now: Instant) -> Vec<(Socket, Slot<'a>)> {
-        let mut admitted = Vec::new();
-        for (sock, peer, deadline) in std::mem::take(&mut self.parked) {
-            match ctx.try_admit(&peer) {
-                Some(slot) => admitted.push((sock, slot)),
-                None if deadline <= now || self.stopping => ctx.refuse(&peer),
-                None => self.parked.push_back((sock, peer, deadline)),
-            }
-        }
-        if !self.parked.is_empty() {
-            self.arm_admit(now);
-        }
-        admitted
+        self.parking
+            .unpark(ctx, now, self.stopping, &mut self.timers)
     }
 
     /// Add a connection and queue its idle deadline; returns its token.
@@ -413,7 +455,7 @@ impl<'a> Book<'a> {
             match key {
                 TimerKey::ResumeAccept => resume_accept = true,
                 TimerKey::Grace => self.grace_over = true,
-                TimerKey::Admit => self.admit_timer = None,
+                TimerKey::Admit => self.parking.timer_fired(),
                 TimerKey::Conn(t) => {
                     let Some(conn) = self.conns.get_mut(t) else {
                         continue;
@@ -492,6 +534,101 @@ impl<'a> Book<'a> {
 pub struct Expired {
     /// The accept pause is over.
     pub resume_accept: bool,
+}
+
+/// Drive connection `t` of a level-triggered loop (one read per readiness report) and apply
+/// the outcome: remember the interest it wants next round, or close it.
+pub fn drive_level(book: &mut Book<'_>, t: usize, buf: &mut [u8], now: Instant) {
+    let Some(conn) = book.conns.get_mut(t) else {
+        return;
+    };
+    match conn.drive(buf, false, now) {
+        Step::Keep(i) => {
+            conn.registered = i;
+            book.watch(t);
+        }
+        Step::Close(end) => {
+            book.close(t, end);
+        }
+    }
+}
+
+/// Accept up to a batch of connections on a readable listener and serve what they already
+/// sent. `watchable` sees each new socket first and may refuse it (logging why): `select`
+/// cannot watch a descriptor at or above `FD_SETSIZE`. Returns `false` when accepting must
+/// pause (descriptors ran out; a resume deadline is queued).
+///
+/// # Errors
+/// A fatal listener error.
+pub fn accept_batch<'a>(
+    listener: &Socket,
+    ctx: &'a Ctx,
+    book: &mut Book<'a>,
+    buf: &mut [u8],
+    now: Instant,
+    watchable: impl Fn(&Socket, &socket2::SockAddr) -> bool,
+) -> io::Result<bool> {
+    for _ in 0..64 {
+        let (sock, peer) = match accept(listener, true) {
+            Ok(x) => x,
+            Err(e) => match accept_action(&e) {
+                AcceptAction::Wait => break,
+                AcceptAction::Retry => continue,
+                AcceptAction::Pause(d) => {
+                    book.timers.insert(now + d, TimerKey::ResumeAccept);
+                    return Ok(false);
+                }
+                AcceptAction::Fatal => return Err(e),
+            },
+        };
+        if !watchable(&sock, &peer) {
+            continue;
+        }
+        match ctx.try_admit(&peer) {
+            Some(slot) => register_level(ctx, book, sock, slot, buf, now),
+            None => book.park(ctx, sock, peer, now),
+        }
+    }
+    Ok(true)
+}
+
+/// Open the session of an admitted connection of a level-triggered loop and serve what
+/// already arrived.
+pub fn register_level<'a>(
+    ctx: &'a Ctx,
+    book: &mut Book<'a>,
+    sock: Socket,
+    slot: Slot<'a>,
+    buf: &mut [u8],
+    now: Instant,
+) {
+    match Conn::new(sock, slot, ctx, now) {
+        Ok(conn) => {
+            let t = book.add(conn, now);
+            drive_level(book, t, buf, now);
+        }
+        Err((end, slot)) => end.log(&slot.peer),
+    }
+}
+
+/// The end of a level-triggered loop's round: handle the deadlines due, register the
+/// connections waiting for a slot that now find one. Returns whether accepting may resume.
+pub fn expire_level<'a>(ctx: &'a Ctx, book: &mut Book<'a>, buf: &mut [u8], now: Instant) -> bool {
+    let resume = book.expire(now).resume_accept;
+    for (sock, slot) in book.unpark(ctx, now) {
+        register_level(ctx, book, sock, slot, buf, now);
+    }
+    resume && !book.stopping
+}
+
+/// A stop was requested in a level-triggered loop: stop listening, start the grace period,
+/// answer what already arrived and close the idle connections.
+pub fn stop_level(listener: &Socket, ctx: &Ctx, book: &mut Book<'_>, buf: &mut [u8], now: Instant) {
+    crate::model::stop_listening(listener);
+    book.begin_stop(ctx.opts.grace, now);
+    for t in book.conns.tokens() {
+        drive_level(book, t, buf, now);
+    }
 }
 
 #[cfg(test)]

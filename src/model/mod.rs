@@ -7,9 +7,11 @@
 //! | `prefork` | [`prefork`] | N processes blocking in `accept` on one listener |
 //! | `thread` | [`thread`] | a thread per connection |
 //! | `pool` | [`pool`] | a dispatcher and N worker threads around a bounded queue |
+//! | `select` | [`select`] | one thread, `select(2)` on `fd_set`s (descriptors below 1024) |
 //! | `poll` | [`poll`] | one thread, `poll(2)` |
 //! | `epoll` | [`epoll`] | one thread, `epoll`, edge- or level-triggered |
 //! | `reactors` | [`reactors`] | N epoll loops, each with its own `SO_REUSEPORT` listener |
+//! | `uring` | [`uring`] | N io_uring loops (the kernel does the I/O), each with its own listener |
 //! | `tokio` | [`tokio`] | the same sessions on a tokio runtime: the reference point |
 //!
 //! Shared here: the [`Ctx`] every model receives (service, options, connection limit),
@@ -28,8 +30,10 @@ pub mod poll;
 pub mod pool;
 pub mod prefork;
 pub mod reactors;
+pub mod select;
 pub mod thread;
 pub mod tokio;
+pub mod uring;
 
 use crate::net::{display_addr, Listener};
 use crate::output::Flush;
@@ -57,27 +61,33 @@ pub enum ModelKind {
     Thread,
     /// A dispatcher thread and `--workers` threads around a bounded queue.
     Pool,
+    /// One thread, non-blocking sockets, `select(2)` (descriptors below `FD_SETSIZE` only).
+    Select,
     /// One thread, non-blocking sockets, `poll(2)`.
     Poll,
     /// One thread, non-blocking sockets, `epoll` (`--trigger edge|level`).
     Epoll,
     /// `--workers` epoll loops, each with its own `SO_REUSEPORT` listener.
     Reactors,
+    /// `--workers` io_uring loops, each with its own `SO_REUSEPORT` listener.
+    Uring,
     /// The sessions driven by a tokio multi-threaded runtime.
     Tokio,
 }
 
 impl ModelKind {
     /// Every model, in the order the course introduces them.
-    pub const ALL: [ModelKind; 9] = [
+    pub const ALL: [ModelKind; 11] = [
         ModelKind::Iterative,
         ModelKind::Fork,
         ModelKind::Prefork,
         ModelKind::Thread,
         ModelKind::Pool,
+        ModelKind::Select,
         ModelKind::Poll,
         ModelKind::Epoll,
         ModelKind::Reactors,
+        ModelKind::Uring,
         ModelKind::Tokio,
     ];
 
@@ -89,9 +99,11 @@ impl ModelKind {
             ModelKind::Prefork => "prefork",
             ModelKind::Thread => "thread",
             ModelKind::Pool => "pool",
+            ModelKind::Select => "select",
             ModelKind::Poll => "poll",
             ModelKind::Epoll => "epoll",
             ModelKind::Reactors => "reactors",
+            ModelKind::Uring => "uring",
             ModelKind::Tokio => "tokio",
         }
     }

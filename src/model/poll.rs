@@ -14,8 +14,8 @@
 //! call and the kernel checks every descriptor, so each round costs O(connections) even when
 //! one of them is active. That is the cost the `--idle` benchmark shows next to `epoll`.
 
-use crate::model::evloop::{Book, Conn, Interest, Step, TimerKey};
-use crate::model::{accept, accept_action, AcceptAction, Ctx, READ_BUF};
+use crate::model::evloop::{accept_batch, drive_level, expire_level, stop_level, Book, Interest};
+use crate::model::{Ctx, READ_BUF};
 use crate::net::Listener;
 use crate::signals::{self, Signals};
 use std::io;
@@ -84,11 +84,7 @@ pub fn run(listener: &Listener, ctx: &Ctx, signals: &Signals) -> io::Result<()> 
             signals.drain();
             if signals::stop_requested() {
                 accepting = false;
-                crate::model::stop_listening(&listener.socket);
-                book.begin_stop(ctx.opts.grace, now);
-                for t in book.conns.tokens() {
-                    drive(&mut book, t, &mut buf, now);
-                }
+                stop_level(&listener.socket, ctx, &mut book, &mut buf, now);
             }
         }
         for (i, &t) in tokens.iter().enumerate() {
@@ -102,81 +98,15 @@ pub fn run(listener: &Listener, ctx: &Ctx, signals: &Signals) -> io::Result<()> 
             if revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
                 conn.set_readable(revents & (libc::POLLHUP | libc::POLLERR) != 0);
             }
-            drive(&mut book, t, &mut buf, now);
+            drive_level(&mut book, t, &mut buf, now);
         }
         if accepting && fds[1].revents != 0 {
-            accepting = accept_batch(listener, ctx, &mut book, &mut buf, now)?;
+            accepting = accept_batch(&listener.socket, ctx, &mut book, &mut buf, now, |_, _| true)?;
         }
-        let resume = book.expire(now).resume_accept;
-        for (sock, slot) in book.unpark(ctx, now) {
-            register(ctx, &mut book, sock, slot, &mut buf, now);
-        }
-        if resume && !book.stopping {
+        if expire_level(ctx, &mut book, &mut buf, now) {
             accepting = true;
         }
     }
     book.close_all();
     Ok(())
-}
-
-fn drive(book: &mut Book<'_>, t: usize, buf: &mut [u8], now: Instant) {
-    let Some(conn) = book.conns.get_mut(t) else {
-        return;
-    };
-    match conn.drive(buf, false, now) {
-        Step::Keep(i) => {
-            conn.registered = i;
-            book.watch(t);
-        }
-        Step::Close(end) => {
-            book.close(t, end);
-        }
-    }
-}
-
-/// Accept up to a batch of connections. Returns `false` when accepting must pause.
-fn accept_batch<'a>(
-    listener: &Listener,
-    ctx: &'a Ctx,
-    book: &mut Book<'a>,
-    buf: &mut [u8],
-    now: Instant,
-) -> io::Result<bool> {
-    for _ in 0..64 {
-        let (sock, peer) = match accept(&listener.socket, true) {
-            Ok(x) => x,
-            Err(e) => match accept_action(&e) {
-                AcceptAction::Wait => break,
-                AcceptAction::Retry => continue,
-                AcceptAction::Pause(d) => {
-                    book.timers.insert(now + d, TimerKey::ResumeAccept);
-                    return Ok(false);
-                }
-                AcceptAction::Fatal => return Err(e),
-            },
-        };
-        match ctx.try_admit(&peer) {
-            Some(slot) => register(ctx, book, sock, slot, buf, now),
-            None => book.park(ctx, sock, peer, now),
-        }
-    }
-    Ok(true)
-}
-
-/// Open the session of an admitted connection and serve what already arrived.
-fn register<'a>(
-    ctx: &'a Ctx,
-    book: &mut Book<'a>,
-    sock: socket2::Socket,
-    slot: crate::model::Slot<'a>,
-    buf: &mut [u8],
-    now: Instant,
-) {
-    match Conn::new(sock, slot, ctx, now) {
-        Ok(conn) => {
-            let t = book.add(conn, now);
-            drive(book, t, buf, now);
-        }
-        Err((end, slot)) => end.log(&slot.peer),
-    }
 }

@@ -26,7 +26,30 @@ pub fn run(
     signals: &Signals,
     opts: ListenOptions,
 ) -> io::Result<()> {
-    let n = ctx.opts.workers.max(1);
+    on_each_listener(listener, ctx.opts.workers, opts, "reactor", |l, shared| {
+        epoll::run_loop(l, shared, ctx, signals.fd())
+    })
+}
+
+/// Open `loops` listeners on `listener`'s port -- `listener` itself and `SO_REUSEPORT`
+/// siblings ([`Listener::sibling`]); for a Unix socket, `listener` shared by all -- and run
+/// `each(listener, shared)` on a thread per listener, named `{name}-{i}`, until every one
+/// returns. The reactors and the io_uring loops start this way.
+///
+/// # Errors
+/// Opening the sibling listeners, starting a thread, or the first error a loop returned (or
+/// its panic).
+pub fn on_each_listener<F>(
+    listener: &Listener,
+    loops: usize,
+    opts: ListenOptions,
+    name: &str,
+    each: F,
+) -> io::Result<()>
+where
+    F: Fn(&Socket, bool) -> io::Result<()> + Sync,
+{
+    let n = loops.max(1);
     let mut listeners: Vec<Socket> = Vec::with_capacity(n);
     let shared = listener.is_unix();
     for i in 0..n {
@@ -40,14 +63,15 @@ pub fn run(
             sibling.try_clone()?
         });
     }
+    let each = &each;
     std::thread::scope(|scope| {
         let handles: Vec<_> = listeners
             .iter()
             .enumerate()
             .map(|(i, l)| {
                 std::thread::Builder::new()
-                    .name(format!("reactor-{i}"))
-                    .spawn_scoped(scope, move || epoll::run_loop(l, shared, ctx, signals.fd()))
+                    .name(format!("{name}-{i}"))
+                    .spawn_scoped(scope, move || each(l, shared))
             })
             .collect();
         let mut result = Ok(());
@@ -56,7 +80,7 @@ pub fn run(
                 Ok(h) => match h.join() {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => result = Err(e),
-                    Err(_) => result = Err(io::Error::other("a reactor thread panicked")),
+                    Err(_) => result = Err(io::Error::other(format!("a {name} thread panicked"))),
                 },
                 Err(e) => result = Err(e),
             }

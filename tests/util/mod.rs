@@ -12,15 +12,17 @@ use std::time::{Duration, Instant};
 pub const BIN: &str = env!("CARGO_BIN_EXE_socklab");
 
 /// Every server design, by its `--model` name.
-pub const MODELS: [&str; 9] = [
+pub const MODELS: [&str; 11] = [
     "iterative",
     "fork",
     "prefork",
     "thread",
     "pool",
+    "select",
     "poll",
     "epoll",
     "reactors",
+    "uring",
     "tokio",
 ];
 
@@ -54,7 +56,23 @@ pub struct Server {
 impl Server {
     /// Start `socklab serve <args...>` and wait for its address line.
     pub fn start(args: &[&str]) -> Server {
-        let mut child = Command::new(BIN)
+        Server::start_as(&[], args)
+    }
+
+    /// Start `WRAPPER... socklab serve <args...>` (`setpriv --reuid ...` to drop root) and
+    /// wait for its address line.
+    pub fn start_as(wrapper: &[&str], args: &[&str]) -> Server {
+        let (program, before) = match wrapper.split_first() {
+            Some((p, rest)) => (*p, rest),
+            None => (BIN, &[][..]),
+        };
+        let mut child = Command::new(program)
+            .args(before)
+            .args(if wrapper.is_empty() {
+                &[][..]
+            } else {
+                &[BIN][..]
+            })
             .arg("serve")
             .args(args)
             .stdin(Stdio::null())

@@ -126,6 +126,18 @@ pub struct Conditions {
     pub range: Option<String>,
 }
 
+impl Conditions {
+    /// No conditional or range header: the answer is the whole file, whatever its state.
+    pub fn is_empty(&self) -> bool {
+        self.if_match.is_none()
+            && self.if_none_match.is_none()
+            && self.if_modified_since.is_none()
+            && self.if_unmodified_since.is_none()
+            && self.if_range.is_none()
+            && self.range.is_none()
+    }
+}
+
 /// What to answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {

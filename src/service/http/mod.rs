@@ -27,6 +27,7 @@
 //! File bodies are queued as file regions ([`Outbox::push_file`]), so every model sends
 //! them with the chosen strategy and a 1 GiB file never sits in memory.
 
+pub mod cache;
 pub mod conditional;
 pub mod listing;
 pub mod mime;
@@ -69,6 +70,8 @@ pub struct HttpConfig {
     pub follow_symlinks: bool,
     /// Time allowed for a request head, from its first byte.
     pub header_timeout: Duration,
+    /// Complete answers for small files ([`cache`]).
+    pub cache: cache::Cache,
 }
 
 /// The state of one HTTP connection.
@@ -88,6 +91,8 @@ pub struct Http {
     held: bool,
     /// Answers queued since the output queue was last seen empty.
     batch: usize,
+    /// The cache entry validated since input last arrived ([`cache::Cache::serve`]).
+    checked: cache::Checked,
 }
 
 struct Response {
@@ -99,11 +104,20 @@ struct Response {
 enum Body {
     None,
     Html(String),
+    /// A small file's contents, read to be cached ([`Fill`]).
+    Cached(Fill),
     File {
         file: Arc<std::fs::File>,
         offset: u64,
         len: u64,
     },
+}
+
+/// A small file read whole for the cache: its contents and its state when read.
+struct Fill {
+    path: Vec<u8>,
+    stamp: cache::Stamp,
+    body: Vec<u8>,
 }
 
 fn reason(status: u16) -> &'static str {
@@ -136,10 +150,10 @@ fn now_secs() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// The current time as an HTTP date, formatted once per second per thread (`None` if the
-/// clock is past year 9999: then no `Date` is sent, as RFC 9110 §6.6.1 allows a server
-/// without a usable clock).
-fn now_http_date() -> Option<String> {
+/// Call `f` with the `Date` header line for now (`Date: ...` and CRLF), formatted once per
+/// second per thread; `None` if the clock is past year 9999: then no `Date` is sent, as RFC
+/// 9110 §6.6.1 allows a server without a usable clock.
+fn with_date_line<R>(f: impl FnOnce(Option<&str>) -> R) -> R {
     use std::cell::RefCell;
     thread_local! {
         static CACHE: RefCell<(u64, Option<String>)> = const { RefCell::new((u64::MAX, None)) };
@@ -148,10 +162,36 @@ fn now_http_date() -> Option<String> {
     CACHE.with(|c| {
         let mut c = c.borrow_mut();
         if c.0 != secs {
-            *c = (secs, conditional::http_date(secs));
+            *c = (
+                secs,
+                conditional::http_date(secs).map(|d| format!("Date: {d}\r\n")),
+            );
         }
-        c.1.clone()
+        f(c.1.as_deref())
     })
+}
+
+/// Queue a cached answer: the status line, `Date`, the entry's fields, the connection's own
+/// `Connection` field, and the body unless `head_only`.
+fn write_cached(
+    out: &mut Outbox,
+    e: &cache::Entry,
+    head_only: bool,
+    close: bool,
+    http10_keepalive: bool,
+) {
+    out.push_bytes(b"HTTP/1.1 200 OK\r\n");
+    with_date_line(|d| out.push_bytes(d.unwrap_or_default().as_bytes()));
+    out.push_bytes(e.fields());
+    if close {
+        out.push_bytes(b"Connection: close\r\n");
+    } else if http10_keepalive {
+        out.push_bytes(b"Connection: keep-alive\r\n");
+    }
+    out.push_bytes(b"\r\n");
+    if !head_only {
+        out.push_bytes(e.body());
+    }
 }
 
 /// Escape text for HTML.
@@ -228,11 +268,11 @@ fn content_length<'h>(fields: impl Iterator<Item = &'h [u8]>) -> Result<Option<u
     Ok(len)
 }
 
-/// What the server needs from a parsed request head, owned (the head is drained from the
-/// buffer before the answer is built).
-struct Head {
-    method: String,
-    target: String,
+/// What the server needs from a parsed request head, borrowed from the request buffer
+/// (nothing is allocated unless a conditional or range header is present).
+struct Head<'b> {
+    method: &'b str,
+    target: &'b str,
     minor: u8,
     keep_alive: bool,
     hosts: usize,
@@ -242,8 +282,8 @@ struct Head {
     conditions: Conditions,
 }
 
-impl Head {
-    fn new(req: &httparse::Request<'_, '_>) -> Head {
+impl<'b> Head<'b> {
+    fn new(req: &httparse::Request<'_, 'b>) -> Head<'b> {
         let all = |name: &'static str| {
             req.headers
                 .iter()
@@ -252,21 +292,29 @@ impl Head {
         };
         // A list header's lines, joined as one comma-separated value.
         let list = |name: &'static str| {
-            let parts: Vec<String> = all(name)
+            let mut fields = all(name).peekable();
+            fields.peek()?;
+            let parts: Vec<String> = fields
                 .map(|v| String::from_utf8_lossy(v).into_owned())
                 .collect();
-            (!parts.is_empty()).then(|| parts.join(", "))
+            Some(parts.join(", "))
+        };
+        // Whether a `Connection` token (in any of its lines) is `token`.
+        let connection = |token: &str| {
+            all("connection").any(|v| {
+                v.split(|&b| b == b',')
+                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+            })
         };
         let minor = req.version.unwrap_or(1);
-        let connection = list("connection").unwrap_or_default().to_ascii_lowercase();
         let keep_alive = if minor == 0 {
-            connection.split(',').any(|t| t.trim() == "keep-alive")
+            connection("keep-alive")
         } else {
-            !connection.split(',').any(|t| t.trim() == "close")
+            !connection("close")
         };
         Head {
-            method: req.method.unwrap_or("").to_string(),
-            target: req.path.unwrap_or("").to_string(),
+            method: req.method.unwrap_or(""),
+            target: req.path.unwrap_or(""),
             minor,
             keep_alive,
             hosts: all("host").count(),
@@ -296,6 +344,7 @@ impl Http {
             closing: false,
             held: false,
             batch: 0,
+            checked: cache::Checked::default(),
         }
     }
 
@@ -326,6 +375,7 @@ impl Http {
             return;
         }
         self.held = false;
+        self.checked.forget();
         self.process(out);
         if !self.buf.is_empty() && !self.held {
             // What is left is an incomplete request: its time starts now, not while it
@@ -372,6 +422,7 @@ impl Http {
             self.started = Some(Instant::now());
         }
         self.buf.extend_from_slice(input);
+        self.checked.forget();
         if !self.held {
             self.process(out);
         }
@@ -405,12 +456,22 @@ impl Http {
     /// Answer the first request in the buffer if it is complete; `false` if more bytes are
     /// needed (or the connection is closing).
     fn one_request(&mut self, out: &mut Outbox) -> bool {
+        // The request is parsed in place: the buffer is lent out while it is answered.
+        let mut buf = std::mem::take(&mut self.buf);
+        let more = self.answer_first(&mut buf, out);
+        if !self.closing {
+            self.buf = buf;
+        }
+        more
+    }
+
+    fn answer_first(&mut self, buf: &mut Vec<u8>, out: &mut Outbox) -> bool {
         // The request line ends at the first LF (a CR before it belongs to the line end:
         // httparse accepts bare LF line ends, and so must this check).
-        let line_len = match self.buf.iter().position(|&b| b == b'\n') {
-            Some(e) if e > 0 && self.buf[e - 1] == b'\r' => e - 1,
+        let line_len = match buf.iter().position(|&b| b == b'\n') {
+            Some(e) if e > 0 && buf[e - 1] == b'\r' => e - 1,
             Some(e) => e,
-            None => self.buf.len(),
+            None => buf.len(),
         };
         if line_len > MAX_REQUEST_LINE {
             self.send(out, error(414), false, true, "-", "-", Instant::now());
@@ -418,10 +479,10 @@ impl Http {
         }
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut req = httparse::Request::new(&mut headers);
-        let head_len = match req.parse(&self.buf) {
+        let head_len = match req.parse(buf) {
             Ok(httparse::Status::Complete(n)) => n,
             Ok(httparse::Status::Partial) => {
-                if self.buf.len() > MAX_HEAD {
+                if buf.len() > MAX_HEAD {
                     self.send(out, error(431), false, true, "-", "-", Instant::now());
                 }
                 return false;
@@ -441,9 +502,8 @@ impl Http {
         }
         let t0 = Instant::now();
         let head = Head::new(&req);
-        self.buf.drain(..head_len);
-        self.started = if self.buf.is_empty() { None } else { Some(t0) };
-        let (method, target) = (head.method.as_str(), head.target.as_str());
+        let (method, target) = (head.method, head.target);
+        let rest = buf.len() - head_len;
 
         // Framing and routing errors: the rest of the stream cannot be trusted, so these
         // answers close the connection (see `send_full`).
@@ -463,12 +523,40 @@ impl Http {
             self.send(out, error(status), false, true, method, target, t0);
             return false;
         }
+        // The body (skipped) follows the head: as much of it as arrived goes with the head.
+        let mut consumed = head_len;
         if let Ok(Some(n)) = head.content_length {
-            let here = usize::try_from(n).unwrap_or(usize::MAX).min(self.buf.len());
-            self.buf.drain(..here);
+            let here = usize::try_from(n).unwrap_or(usize::MAX).min(rest);
+            consumed += here;
             self.skip = n - here as u64;
         }
         let head_only = method == "HEAD";
+        let close = !head.keep_alive;
+        let http10_keepalive = head.minor == 0 && head.keep_alive;
+        if (method == "GET" || head_only) && head.conditions.is_empty() {
+            let hit = self.config.cache.serve(
+                target.as_bytes(),
+                &self.config.root_fd,
+                &mut self.checked,
+                |e| write_cached(out, e, head_only, close, http10_keepalive),
+            );
+            if hit {
+                tracing::debug!(
+                    method,
+                    path = target,
+                    status = 200,
+                    cached = true,
+                    micros = t0.elapsed().as_micros() as u64,
+                    "http"
+                );
+                self.batch += 1;
+                if close {
+                    self.closing = true;
+                    self.held = false;
+                }
+                return self.consumed(buf, consumed, t0);
+            }
+        }
         let response = if method != "GET" && !head_only {
             let mut r = error(405);
             r.headers.push_str("Allow: GET, HEAD\r\n");
@@ -476,17 +564,25 @@ impl Http {
         } else {
             self.respond(target, &head.conditions, !head_only)
         };
-        let http10_keepalive = head.minor == 0 && head.keep_alive;
         self.send_full(
             out,
             response,
             head_only,
-            !head.keep_alive,
+            close,
             http10_keepalive,
             method,
             target,
             t0,
         );
+        self.consumed(buf, consumed, t0)
+    }
+
+    /// The first `n` bytes of `buf` were a request (and as much of its body as arrived):
+    /// drop them; the next request's time starts at `t0` if its bytes are already here.
+    /// Returns whether the next request may be looked at.
+    fn consumed(&mut self, buf: &mut Vec<u8>, n: usize, t0: Instant) -> bool {
+        buf.drain(..n);
+        self.started = if buf.is_empty() { None } else { Some(t0) };
         self.skip == 0
     }
 
@@ -583,10 +679,13 @@ impl Http {
             Outcome::Send(Range::Whole) => Response {
                 status: 200,
                 headers,
-                body: Body::File {
-                    file,
-                    offset: 0,
-                    len: size,
+                body: match self.fill(target, conditions, get, &file, &meta, &name) {
+                    Some(fill) => Body::Cached(fill),
+                    None => Body::File {
+                        file,
+                        offset: 0,
+                        len: size,
+                    },
                 },
             },
             Outcome::Send(Range::Part(a, b)) => {
@@ -607,6 +706,36 @@ impl Http {
                 r
             }
         }
+    }
+
+    /// A small file the cache wants, read whole: unless it changed while it was read.
+    fn fill(
+        &self,
+        target: &str,
+        conditions: &Conditions,
+        get: bool,
+        file: &std::fs::File,
+        meta: &std::fs::Metadata,
+        name: &std::path::Path,
+    ) -> Option<Fill> {
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::fs::FileExt;
+        let stamp = cache::Stamp::of_meta(meta);
+        let size = meta.len();
+        if !get
+            || !conditions.is_empty()
+            || !self.config.cache.wants(target.as_bytes(), size, &stamp)
+        {
+            return None;
+        }
+        let mut body = vec![0u8; size as usize];
+        file.read_exact_at(&mut body, 0).ok()?;
+        let after = file.metadata().ok()?;
+        (cache::Stamp::of_meta(&after) == stamp).then(|| Fill {
+            path: name.as_os_str().as_bytes().to_vec(),
+            stamp,
+            body,
+        })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -640,12 +769,13 @@ impl Http {
         let len = match &r.body {
             Body::None => 0,
             Body::Html(h) => h.len() as u64,
+            Body::Cached(f) => f.body.len() as u64,
             Body::File { len, .. } => *len,
         };
         let mut head = format!("HTTP/1.1 {} {}\r\n", r.status, reason(r.status));
-        if let Some(date) = now_http_date() {
-            let _ = write!(head, "Date: {date}\r\n");
-        }
+        with_date_line(|d| head.push_str(d.unwrap_or_default()));
+        // From here on the fields are the same for every request of this file.
+        let fields = head.len();
         head.push_str("Server: socklab\r\n");
         head.push_str(&r.headers);
         if matches!(r.body, Body::Html(_)) {
@@ -653,6 +783,15 @@ impl Http {
         }
         if r.status != 304 {
             let _ = write!(head, "Content-Length: {len}\r\n");
+        }
+        if let Body::Cached(f) = &r.body {
+            self.config.cache.insert(
+                target.as_bytes(),
+                &f.path,
+                f.stamp,
+                &head.as_bytes()[fields..],
+                &f.body,
+            );
         }
         if close {
             head.push_str("Connection: close\r\n");
@@ -665,6 +804,7 @@ impl Http {
             match r.body {
                 Body::None => {}
                 Body::Html(h) => out.push_bytes(h.as_bytes()),
+                Body::Cached(f) => out.push_bytes(&f.body),
                 Body::File { file, offset, len } => out.push_file(file, offset, len),
             }
         }
@@ -703,6 +843,7 @@ mod tests {
             root,
             follow_symlinks: false,
             header_timeout: Duration::from_secs(10),
+            cache: cache::Cache::new(1 << 20),
         };
         (dir, Arc::new(cfg))
     }
