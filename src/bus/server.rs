@@ -268,6 +268,18 @@ struct Conn {
     deadline: Option<Instant>,
 }
 
+impl Conn {
+    /// Send what the session has waiting from `sent` on, through TLS if the connection has
+    /// it: how much was taken.
+    fn send_some(&mut self) -> io::Result<usize> {
+        let out = &self.session.out[self.sent..];
+        match &mut self.tls {
+            Some(tls) => tls.send(&self.sock, out),
+            None => self.sock.send(out),
+        }
+    }
+}
+
 /// Run `bus serve` until SIGINT/SIGTERM. Prints the bound address(es) first on stdout.
 ///
 /// # Errors
@@ -1160,11 +1172,7 @@ impl Loop<'_> {
             c.marked = false;
             let mut failed = false;
             while c.sent < c.session.out.len() {
-                let r = match &mut c.tls {
-                    Some(tls) => tls.send(&c.sock, &c.session.out[c.sent..]),
-                    None => c.sock.send(&c.session.out[c.sent..]),
-                };
-                match r {
+                match c.send_some() {
                     Ok(n) => {
                         c.sent += n;
                         self.shared
@@ -1274,11 +1282,7 @@ impl Loop<'_> {
                     continue;
                 };
                 while c.sent < c.session.out.len() {
-                    let r = match &mut c.tls {
-                        Some(tls) => tls.send(&c.sock, &c.session.out[c.sent..]),
-                        None => c.sock.send(&c.session.out[c.sent..]),
-                    };
-                    match r {
+                    match c.send_some() {
                         Ok(n) => c.sent += n,
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
